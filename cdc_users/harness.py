@@ -1,0 +1,161 @@
+"""Everything one Locust process holds for the account workload.
+
+A `Harness` is made per test run (on `test_start`) in every process that runs users
+(the local runner or a worker). It owns the pools, the event store, the group
+committer, the gates and the operation budget, and closes all of them on
+`test_stop`. The master never opens a pool: it only sets accounts up.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from services import logs
+from services.config import Profile
+from services.errors import OperationFailure
+from services.eventstore import Command, EventStore, Outcome, existing_accounts
+from services.gates import CircuitBreaker, InFlightLimiter, OpBudget, UtilizationPause
+from services.groupcommit import GroupCommitter
+from services.pool import Pool, PoolStats
+
+logger = logs.get("harness")
+
+
+@dataclass
+class Counters:
+    """Per-process numbers the summary prints; sent to the master by workers."""
+
+    trips: int = 0
+    breaker_paused_s: float = 0.0
+    utilization_pauses: int = 0
+    utilization_paused_s: float = 0.0
+    peak_utilization: float = 0.0
+    timeouts: int = 0
+    semaphore_timeouts: int = 0
+    pool_timeouts: int = 0
+    conflicts_retried: int = 0
+    final_pools: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Harness:
+    """The pools, store and gates of one process for one test run."""
+
+    def __init__(self, profile: Profile, *, budget: int, process: str) -> None:
+        self.profile = profile
+        self.process = process
+        self.breaker = CircuitBreaker(profile.circuit_breaker)
+        self.pause = UtilizationPause(profile.utilization_pause)
+        self.limiter = InFlightLimiter(profile.in_flight)
+        self.budget = OpBudget(budget)
+        self.pool = Pool(
+            profile.database.url,
+            profile.database.pool,
+            role="users",
+            process=process,
+        )
+        self.store = EventStore(
+            self.pool,
+            write_deadline_s=profile.deadlines.write,
+            read_deadline_s=profile.deadlines.read,
+            conflict_attempts=profile.event_store.conflict_attempts,
+        )
+        self.committer: GroupCommitter | None = None
+        self.writer_pool: Pool | None = None
+        if profile.event_store.write_path == "batched":
+            self.writer_pool = Pool(
+                profile.database.url,
+                profile.event_store.pool,
+                role="writers",
+                process=process,
+            )
+            self.committer = GroupCommitter(
+                self.writer_pool,
+                batch_size=profile.event_store.batch_size,
+                writers=profile.event_store.batch_processor_count,
+                queue_size=profile.workload.channel_buffer_size,
+                write_deadline_s=profile.deadlines.write,
+            )
+        self.accounts: list[int] = []
+        self.counters = Counters()
+        self.closed = False
+
+    def start(self) -> None:
+        """Open the pools, load the account ids and start the writers."""
+        self.pool.open()
+        if self.writer_pool is not None:
+            self.writer_pool.open()
+        with self.pool.connection() as conn:
+            self.accounts = existing_accounts(conn, self.profile.workload.account_count)
+        if len(self.accounts) < 2:
+            raise OperationFailure(
+                f"only {len(self.accounts)} accounts exist; setup must run first"
+            )
+        if self.committer is not None:
+            self.committer.start()
+
+    def write(self, cmd: Command) -> Outcome:
+        """Run a write command on the profile's write path."""
+        if self.committer is not None:
+            return self.committer.submit(cmd)
+        return self.store.execute(cmd)
+
+    def pick(self) -> int:
+        """Pick an account at random from the shared set."""
+        return random.choice(self.accounts)
+
+    def pick_pair(self) -> tuple[int, int]:
+        """Pick two different accounts."""
+        a, b = random.sample(self.accounts, 2)
+        return a, b
+
+    def amount(self) -> int:
+        """Pick an amount in minor units, from 1 to the profile's maximum."""
+        return random.randint(1, self.profile.workload.max_amount)
+
+    def utilization(self) -> float:
+        """Pool utilization now; the larger of the users' and writers' pools."""
+        if self.writer_pool is None:
+            return self.pool.utilization
+        return max(self.pool.utilization, self.writer_pool.utilization)
+
+    def pool_stats(self) -> list[PoolStats]:
+        """Snapshots of this process's pools."""
+        pools = [self.pool] + ([self.writer_pool] if self.writer_pool else [])
+        return [p.stats() for p in pools]
+
+    def snapshot(self) -> Counters:
+        """Gather the counters of the gates and pools into `counters`."""
+        c = self.counters
+        c.trips = self.breaker.trips
+        c.breaker_paused_s = self.breaker.paused_s
+        c.utilization_pauses = self.pause.pauses
+        c.utilization_paused_s = self.pause.paused_s
+        c.peak_utilization = max(
+            self.pause.peak_utilization,
+            *(s.peak_utilization for s in self.pool_stats()),
+        )
+        c.semaphore_timeouts = self.limiter.timeouts
+        c.pool_timeouts = sum(s.timeouts for s in self.pool_stats())
+        c.conflicts_retried = self.store.conflicts_retried
+        return c
+
+    def close(self) -> None:
+        """Stop the writers and close the pools, logging their final state."""
+        if self.closed:
+            return
+        self.closed = True
+        self.snapshot()
+        started = time.monotonic()
+        if self.committer is not None:
+            self.committer.close()
+        finals = [self.pool.close()]
+        if self.writer_pool is not None:
+            finals.append(self.writer_pool.close())
+        self.counters.final_pools = [
+            {"name": s.name, "size": s.size, "idle": s.idle, "peak": s.peak_in_use}
+            for s in finals
+        ]
+        logger.info("harness closed in %.2f s", time.monotonic() - started)

@@ -1,0 +1,263 @@
+"""Locust event hooks: options, setup, the gates, the budget, the summary.
+
+`register()` is called once from the locustfile. Listeners that read or drive the
+gates are added in `init`, which Locust fires after the runner has added its own
+stats listener to `request`: so when ours runs, the operation is already in the
+stats, and a quit triggered by the last operation sees it counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import gevent
+from locust import events
+from locust.env import Environment
+from locust.runners import LocalRunner, MasterRunner, Runner, WorkerRunner
+
+from cdc_users import summary
+from cdc_users.harness import Harness
+from services import logs, setup
+from services.config import DEFAULT_PROFILE, Profile, load_profile
+from services.errors import BreakerOpen, CdcLoadError, ConfigError, OperationFailure
+
+logger = logs.get("locust")
+
+#: Request type of every account operation in Locust's stats.
+REQUEST_TYPE = "PG"
+#: Stop timeout given to Locust when none was asked for: an operation may wait for
+#: a permit and a connection, then run to its deadline, before its user stops.
+MAX_STOP_TIMEOUT_S = 30.0
+
+
+class _State:
+    """The process's profile and its current harness."""
+
+    profile: Profile | None = None
+    harness: Harness | None = None
+    environment: Environment | None = None
+    headless: bool = True
+
+
+STATE = _State()
+
+
+def current() -> Harness:
+    """Return the harness of the test that is running in this process."""
+    if STATE.harness is None:
+        raise CdcLoadError("no test is running in this process")
+    return STATE.harness
+
+
+def register() -> None:
+    """Attach the project's listeners to Locust's events."""
+    events.init_command_line_parser.add_listener(_add_options)
+    events.init.add_listener(_on_init)
+
+
+def _add_options(parser: Any) -> None:
+    group = parser
+    group.add_argument(
+        "--cdc-profile",
+        default=DEFAULT_PROFILE,
+        env_var="CDC_PROFILE",
+        help="Resource profile (YAML) to run; see configs/",
+    )
+    group.add_argument(
+        "--cdc-accounts",
+        type=int,
+        default=0,
+        env_var="CDC_ACCOUNTS",
+        help="Accounts to share across users (0: the profile's account_count)",
+    )
+    group.add_argument(
+        "--cdc-target-ops",
+        type=int,
+        default=0,
+        env_var="CDC_TARGET_OPS",
+        help="Operations in total before the test stops (0: the profile's target_ops)",
+    )
+    group.add_argument(
+        "--cdc-summary",
+        default="",
+        env_var="CDC_SUMMARY",
+        help="Write the run's summary as JSON to this file",
+        include_in_web_ui=False,
+    )
+
+
+def load(options: Any) -> Profile:
+    """Load the profile the options name, with the options' overrides on top.
+
+    Raise `ConfigError` for a bad profile or option.
+    """
+    overrides: dict[str, Any] = {}
+    for attr, key in (
+        ("cdc_accounts", "workload.account_count"),
+        ("cdc_target_ops", "workload.target_ops"),
+    ):
+        value = getattr(options, attr, 0)
+        if value:
+            overrides[key] = value
+    return load_profile(
+        getattr(options, "cdc_profile", DEFAULT_PROFILE), overrides=overrides
+    )
+
+
+def _on_init(environment: Environment, **_kwargs: Any) -> None:
+    options = environment.parsed_options
+    try:
+        profile = load(options)
+    except ConfigError as exc:
+        # A user's mistake: one line and exit 2, before anything is written.
+        sys.stderr.write(f"cdc-load: {exc}\n")
+        sys.exit(2)
+    STATE.profile = profile
+    STATE.environment = environment
+    STATE.headless = bool(getattr(options, "headless", True))
+
+    from cdc_users import users
+
+    users.configure_tasks(profile.workload.weights)
+    if options is not None:
+        if getattr(options, "num_users", None) is None:
+            options.num_users = profile.workload.users
+        if not _given("-r", "--spawn-rate", "LOCUST_SPAWN_RATE"):
+            options.spawn_rate = profile.workload.spawn_rate
+    if not environment.stop_timeout:
+        # Locust kills users mid-query at stop by default; give them time to finish.
+        environment.stop_timeout = min(MAX_STOP_TIMEOUT_S, _longest_operation(profile))
+
+    events.request.add_listener(_on_request)
+    events.test_start.add_listener(_on_test_start)
+    events.test_stop.add_listener(_on_test_stop)
+    events.quitting.add_listener(_on_quitting)
+    logger.info(
+        "profile %s from %s: %s users, %s accounts, target %s operations, %s path",
+        profile.name,
+        profile.source,
+        getattr(options, "num_users", profile.workload.users),
+        profile.workload.account_count,
+        profile.workload.target_ops,
+        profile.event_store.write_path,
+    )
+
+
+def _given(short: str, long: str, env: str) -> bool:
+    argv = sys.argv[1:]
+    return env in os.environ or any(
+        a in (short, long) or a.startswith(long + "=") for a in argv
+    )
+
+
+def _longest_operation(profile: Profile) -> float:
+    permit = profile.in_flight.acquire_timeout or MAX_STOP_TIMEOUT_S
+    return permit + profile.database.pool.acquire_timeout + profile.deadlines.write + 1
+
+
+def _process_name(runner: Runner | None) -> str:
+    if isinstance(runner, WorkerRunner):
+        return f"w{runner.worker_index}-{os.getpid()}"
+    return str(os.getpid())
+
+
+def _on_test_start(environment: Environment, **_kwargs: Any) -> None:
+    runner = environment.runner
+    try:
+        profile = load(environment.parsed_options)
+    except ConfigError as exc:
+        logger.error("%s", exc)
+        _stop(environment)
+        return
+    STATE.profile = profile
+    try:
+        if not isinstance(runner, WorkerRunner):
+            setup.prepare(profile)
+        if isinstance(runner, MasterRunner):
+            return
+        harness = Harness(
+            profile,
+            budget=profile.workload.target_ops,
+            process=_process_name(runner),
+        )
+        harness.budget.on_done = lambda: gevent.spawn(_finish, environment)
+        harness.start()
+    except CdcLoadError as exc:
+        logger.error("cannot start the test: %s", exc)
+        environment.process_exit_code = 2
+        _stop(environment)
+        return
+    STATE.harness = harness
+    logger.info(
+        "test started: %s accounts, budget %s operations",
+        len(harness.accounts),
+        harness.budget.limit,
+    )
+
+
+def _finish(environment: Environment) -> None:
+    logger.info("target of %s operations reached", current().budget.limit)
+    _stop(environment)
+
+
+def _stop(environment: Environment) -> None:
+    runner = environment.runner
+    if runner is None:
+        return
+    # runner.quit() from inside a user's task never completes: this runs in a
+    # greenlet of its own (spawned by the caller).
+    if STATE.headless:
+        runner.quit()
+    else:
+        runner.stop()
+
+
+def _on_request(
+    request_type: str, exception: BaseException | None = None, **_kwargs: Any
+) -> None:
+    if request_type != REQUEST_TYPE:
+        return
+    harness = STATE.harness
+    if harness is None:
+        return
+    if not isinstance(exception, BreakerOpen):
+        system_failure = exception is not None and not (
+            isinstance(exception, OperationFailure) and exception.business
+        )
+        harness.breaker.record(system_failure)
+    harness.pause.observe(harness.utilization())
+    harness.budget.finish()
+
+
+def _on_test_stop(environment: Environment, **_kwargs: Any) -> None:
+    harness = STATE.harness
+    if harness is None:
+        return
+    harness.close()
+
+
+def _on_quitting(environment: Environment, **_kwargs: Any) -> None:
+    runner = environment.runner
+    if isinstance(runner, WorkerRunner) or STATE.profile is None:
+        return
+    harness = STATE.harness
+    if harness is not None:
+        harness.close()
+    if not isinstance(runner, LocalRunner | MasterRunner):
+        return
+    report = summary.build(environment, STATE.profile, harness)
+    for line in summary.render(report):
+        print(line, flush=True)
+    target = getattr(environment.parsed_options, "cdc_summary", "")
+    if target:
+        path = Path(target)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if not environment.process_exit_code:
+        # Set either way: Locust on its own exits 1 for any failed request, and
+        # expected rejections (an overdraft) are within the thresholds.
+        environment.process_exit_code = 0 if report["passed"] else 1

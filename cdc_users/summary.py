@@ -1,0 +1,129 @@
+"""The end-of-run summary: throughput, latency, failures by kind, gates, verdict."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Any
+
+from locust.env import Environment
+from locust.stats import StatsEntry
+
+from cdc_users.harness import Counters, Harness
+from services import thresholds
+from services.config import Profile
+
+REQUEST_TYPE = "PG"
+#: Failure kinds that are a deadline passing, reported apart from errors.
+TIMEOUT_KINDS = frozenset({"OperationTimeout"})
+
+#: Counters sent by workers, by worker id; filled on the master.
+WORKER_COUNTERS: dict[str, dict[str, Any]] = {}
+
+
+def merged(environment: Environment, request_type: str) -> StatsEntry:
+    """Merge every stats row of one request type into one entry."""
+    stats = environment.stats
+    total = StatsEntry(stats, request_type, "", use_response_times_cache=False)
+    for (_name, method), entry in stats.entries.items():
+        if method == request_type:
+            total.extend(entry)
+    return total
+
+
+def failure_kinds(environment: Environment, request_type: str) -> Counter[str]:
+    """Count failures of one request type by exception name."""
+    kinds: Counter[str] = Counter()
+    for err in environment.stats.errors.values():
+        if err.method == request_type:
+            kinds[str(err.error).split("(", 1)[0].strip()] += err.occurrences
+    return kinds
+
+
+def process_counters(harness: Harness | None) -> dict[str, dict[str, Any]]:
+    """Counters of every process that ran users: this one, or the workers'."""
+    if harness is not None:
+        return {"local": dataclasses.asdict(harness.snapshot())}
+    return dict(WORKER_COUNTERS)
+
+
+def build(
+    environment: Environment, profile: Profile, harness: Harness | None
+) -> dict[str, Any]:
+    """Gather the run's numbers into a JSON-ready dict with a verdict."""
+    ops = merged(environment, REQUEST_TYPE)
+    kinds = failure_kinds(environment, REQUEST_TYPE)
+    duration = max(1e-9, (ops.last_request_timestamp or 0) - ops.start_time)
+    ratio = ops.num_failures / ops.num_requests if ops.num_requests else 0.0
+    p99 = ops.get_response_time_percentile(0.99) if ops.num_requests else 0.0
+    per_process = process_counters(harness)
+    totals = Counters()
+    for counters in per_process.values():
+        totals.trips += counters["trips"]
+        totals.breaker_paused_s += counters["breaker_paused_s"]
+        totals.utilization_pauses += counters["utilization_pauses"]
+        totals.utilization_paused_s += counters["utilization_paused_s"]
+        totals.peak_utilization = max(
+            totals.peak_utilization, counters["peak_utilization"]
+        )
+        totals.conflicts_retried += counters["conflicts_retried"]
+    verdicts = thresholds.evaluate(profile.thresholds, failure_ratio=ratio, p99_ms=p99)
+    return {
+        "profile": profile.name,
+        "write_path": profile.event_store.write_path,
+        "operations": ops.num_requests,
+        "target_ops": profile.workload.target_ops,
+        "duration_s": round(duration, 3),
+        "ops_per_s": round(ops.num_requests / duration, 1) if ops.num_requests else 0.0,
+        "latency_ms": {
+            q: ops.get_response_time_percentile(p) if ops.num_requests else 0
+            for q, p in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99), ("max", 1.0))
+        },
+        "failures": ops.num_failures,
+        "failure_ratio": ratio,
+        "timeouts": sum(n for k, n in kinds.items() if k in TIMEOUT_KINDS),
+        "errors": sum(n for k, n in kinds.items() if k not in TIMEOUT_KINDS),
+        "failures_by_kind": dict(sorted(kinds.items())),
+        "breaker_trips": totals.trips,
+        "breaker_paused_s": totals.breaker_paused_s,
+        "utilization_pauses": totals.utilization_pauses,
+        "utilization_paused_s": totals.utilization_paused_s,
+        "peak_pool_utilization": round(totals.peak_utilization, 3),
+        "conflicts_retried": totals.conflicts_retried,
+        "processes": per_process,
+        "thresholds": [dataclasses.asdict(v) for v in verdicts],
+        "passed": all(v.passed for v in verdicts),
+    }
+
+
+def render(report: dict[str, Any]) -> list[str]:
+    """Format the summary as text lines for the terminal."""
+    lat = report["latency_ms"]
+    lines = [
+        "",
+        f"cdc-load summary: profile {report['profile']}, {report['write_path']} path",
+        f"  operations      {report['operations']} of {report['target_ops']}"
+        f" in {report['duration_s']:.2f} s ({report['ops_per_s']:.0f}/s)",
+        f"  latency ms      p50 {lat['p50']:.0f}  p95 {lat['p95']:.0f}"
+        f"  p99 {lat['p99']:.0f}  max {lat['max']:.0f}",
+        f"  failures        {report['failures']} ({report['failure_ratio']:.2%}):"
+        f" {report['timeouts']} timeouts, {report['errors']} errors",
+    ]
+    for kind, count in report["failures_by_kind"].items():
+        lines.append(f"    {kind:<18} {count}")
+    lines += [
+        f"  breaker         {report['breaker_trips']} trips,"
+        f" {report['breaker_paused_s']:g} s paused",
+        f"  pool            peak utilization {report['peak_pool_utilization']:.2f},"
+        f" {report['utilization_pauses']} pauses, {report['utilization_paused_s']:g} s",
+        f"  conflicts       {report['conflicts_retried']} retried",
+        "",
+    ]
+    lines += [
+        "  " + line
+        for line in thresholds.table(
+            [thresholds.Verdict(**v) for v in report["thresholds"]]
+        )
+    ]
+    lines.append(f"  verdict         {'PASS' if report['passed'] else 'FAIL'}")
+    return lines

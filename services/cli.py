@@ -1,0 +1,91 @@
+"""`cdc-load`: the command line for everything that is not Locust itself.
+
+Exit codes: 0 success, 1 a check failed (verification, thresholds), 2 bad input or
+a server that cannot be used. A user's mistake prints one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from services import logs
+from services.config import DEFAULT_PROFILE, Profile, load_profile, resolved
+from services.errors import CdcLoadError
+
+logger = logs.get("cli")
+
+
+def _profile(args: argparse.Namespace) -> Profile:
+    return load_profile(args.profile)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate a profile and print its resolved values, passwords masked."""
+    profile = _profile(args)
+    print(json.dumps(resolved(profile), indent=2))
+    print(f"profile {profile.name} from {profile.source}: valid", file=sys.stderr)
+    return 0
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    """Create the schema and the profile's accounts; with --reset, empty it first."""
+    from services import setup
+
+    profile = _profile(args)
+    setup.prepare(profile, reset=args.reset)
+    return 0
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    """Empty the event store and drop this project's replication slots."""
+    from services import schema, setup
+
+    profile = _profile(args)
+    with setup.connect(profile.database.url, "reset") as conn:
+        schema.reset(conn)
+    return 0
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+    "check-config": (cmd_check_config, "validate a profile and print it resolved"),
+    "setup": (cmd_setup, "create the schema and the accounts"),
+    "reset": (cmd_reset, "empty the event store and forget our slots"),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    """Build the argument parser of every sub-command."""
+    top = argparse.ArgumentParser(prog="cdc-load", description=__doc__)
+    top.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING")
+    subs = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (func, help_text) in COMMANDS.items():
+        sub = subs.add_parser(name, help=help_text, description=func.__doc__)
+        sub.add_argument(
+            "--profile",
+            default=DEFAULT_PROFILE,
+            help=f"profile YAML (default {DEFAULT_PROFILE})",
+        )
+        if name == "setup":
+            sub.add_argument("--reset", action="store_true", help="empty it first")
+        sub.set_defaults(func=func)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a sub-command and return its exit code."""
+    args = parser().parse_args(argv)
+    logs.configure(args.log_level)
+    try:
+        return int(args.func(args))
+    except CdcLoadError as exc:
+        print(f"cdc-load: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
