@@ -16,6 +16,7 @@ from typing import Any
 
 import gevent
 from locust import events
+from locust import stats as locust_stats
 from locust.env import Environment
 from locust.runners import LocalRunner, MasterRunner, Runner, WorkerRunner
 
@@ -115,6 +116,7 @@ def _on_init(environment: Environment, **_kwargs: Any) -> None:
     except ConfigError as exc:
         # A user's mistake: one line and exit 2, before anything is written.
         sys.stderr.write(f"cdc-load: {exc}\n")
+        _remove_empty_csv(options)
         sys.exit(2)
     STATE.profile = profile
     STATE.environment = environment
@@ -145,6 +147,22 @@ def _on_init(environment: Environment, **_kwargs: Any) -> None:
         profile.workload.target_ops,
         profile.event_store.write_path,
     )
+
+
+def _remove_empty_csv(options: Any) -> None:
+    # Locust opens its CSV files before init; with no run they hold only headers.
+    prefix = getattr(options, "csv_prefix", None)
+    if not prefix:
+        return
+    for suffix in (
+        "_stats.csv",
+        "_stats_history.csv",
+        "_failures.csv",
+        "_exceptions.csv",
+    ):
+        path = Path(prefix + suffix)
+        if path.is_file() and path.read_text().count("\n") <= 1:
+            path.unlink()
 
 
 def _given(short: str, long: str, env: str) -> bool:
@@ -201,6 +219,10 @@ def _on_test_start(environment: Environment, **_kwargs: Any) -> None:
 
 def _finish(environment: Environment) -> None:
     logger.info("target of %s operations reached", current().budget.limit)
+    if STATE.headless and getattr(environment.parsed_options, "csv_prefix", None):
+        # Locust's CSV writer writes once per interval and not at exit: wait one
+        # interval, with no ticket left to run, so the files get the final numbers.
+        gevent.sleep(locust_stats.CSV_STATS_INTERVAL_SEC + 0.1)
     _stop(environment)
 
 

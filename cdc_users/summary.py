@@ -7,7 +7,7 @@ from collections import Counter
 from typing import Any
 
 from locust.env import Environment
-from locust.stats import StatsEntry
+from locust.stats import StatsEntry, StatsError
 
 from cdc_users.harness import Counters, Harness
 from services import thresholds
@@ -36,7 +36,9 @@ def failure_kinds(environment: Environment, request_type: str) -> Counter[str]:
     kinds: Counter[str] = Counter()
     for err in environment.stats.errors.values():
         if err.method == request_type:
-            kinds[str(err.error).split("(", 1)[0].strip()] += err.occurrences
+            # An exception locally, its repr() once it came from a worker.
+            text = StatsError.parse_error(err.error)
+            kinds[text.split("(", 1)[0].strip()] += err.occurrences
     return kinds
 
 

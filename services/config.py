@@ -268,13 +268,23 @@ def load_profile(
         raise ConfigError(f"{path}: the profile must be a mapping of keys")
 
     env = os.environ if environ is None else environ
+    origins: dict[str, str] = {}
     for key, value, origin in _env_overrides(env):
         _set_path(raw, key, value, origin)
+        origins[key] = origin
     for key, value in (overrides or {}).items():
         _set_path(raw, key, value, "option")
+        origins[key] = "option"
 
-    profile: Profile = _build(Profile, raw, "", ignore={"source"})
-    _check_cross(profile)
+    try:
+        profile: Profile = _build(Profile, raw, "", ignore={"source"})
+        _check_cross(profile)
+    except ConfigError as exc:
+        # Say where a bad value came from when it was not the file.
+        key, sep, rest = str(exc).partition(": ")
+        if sep and key in origins:
+            raise ConfigError(f"{key} (from {origins[key]}): {rest}") from None
+        raise
     return dataclasses.replace(profile, source=str(path))
 
 

@@ -17,6 +17,7 @@ import uuid  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
+from urllib.parse import urlsplit, urlunsplit  # noqa: E402
 
 import psycopg  # noqa: E402
 import pytest  # noqa: E402
@@ -33,9 +34,8 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:56379/0"
 
 
 def _with_dbname(url: str, dbname: str) -> str:
-    info = psycopg.conninfo.conninfo_to_dict(url)
-    info["dbname"] = dbname
-    return psycopg.conninfo.make_conninfo("", **info)
+    # Profiles take URLs, not key=value conninfo strings.
+    return urlunsplit(urlsplit(url)._replace(path="/" + dbname))
 
 
 @pytest.fixture(scope="session")
@@ -100,7 +100,9 @@ def redis_url() -> str:
 def make_profile(db_url: str, redis_url: str, **overrides: Any) -> Profile:
     """The optimized profile pointed at the test servers, with dotted overrides."""
     env = {"DATABASE_URL": db_url, "REDIS_URL": redis_url}
-    return load_profile(ROOT / "configs" / "optimized.yaml", environ=env, overrides=overrides)
+    return load_profile(
+        ROOT / "configs" / "optimized.yaml", environ=env, overrides=overrides
+    )
 
 
 @pytest.fixture
