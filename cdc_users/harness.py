@@ -13,15 +13,28 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from services import logs
+import psycopg
+import redis
+
+from services import cache, green, logs, projections
 from services.config import Profile
-from services.errors import OperationFailure
-from services.eventstore import Command, EventStore, Outcome, existing_accounts
+from services.errors import OperationFailure, OperationTimeout, UnknownAccount
+from services.eventstore import (
+    Command,
+    EventStore,
+    Outcome,
+    existing_accounts,
+    translate,
+)
 from services.gates import CircuitBreaker, InFlightLimiter, OpBudget, UtilizationPause
 from services.groupcommit import GroupCommitter
 from services.pool import Pool, PoolStats
 
 logger = logs.get("harness")
+
+#: After a Redis error, balance reads skip the cache for this long, in seconds, so
+#: a Redis that hangs costs one socket timeout per interval, not one per read.
+CACHE_BACKOFF_S = 1.0
 
 
 @dataclass
@@ -37,6 +50,9 @@ class Counters:
     semaphore_timeouts: int = 0
     pool_timeouts: int = 0
     conflicts_retried: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_errors: int = 0
     final_pools: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -78,6 +94,11 @@ class Harness:
                 queue_size=profile.workload.channel_buffer_size,
                 write_deadline_s=profile.deadlines.write,
             )
+        self.redis = cache.client(
+            profile.redis.url, max_connections=profile.redis.max_connections
+        )
+        self.cache = cache.AccountCache(self.redis, profile.cache)
+        self._cache_down_until = 0.0
         self.accounts: list[int] = []
         self.counters = Counters()
         self.closed = False
@@ -101,6 +122,38 @@ class Harness:
         if self.committer is not None:
             return self.committer.submit(cmd)
         return self.store.execute(cmd)
+
+    def read_balance(self, account_id: int) -> str:
+        """Read a balance from the cache, else from the projection.
+
+        Return the request type of the store that answered (`REDIS` or `PG`).
+        Raise `UnknownAccount` if neither has the account, `OperationTimeout` past
+        the read deadline. A Redis error is counted and falls back to PostgreSQL.
+        """
+        c = self.counters
+        if time.monotonic() >= self._cache_down_until:
+            try:
+                if self.cache.read(account_id) is not None:
+                    c.cache_hits += 1
+                    return "REDIS"
+            except redis.RedisError as exc:
+                c.cache_errors += 1
+                self._cache_down_until = time.monotonic() + CACHE_BACKOFF_S
+                logger.debug("cache read failed, reading the projection: %s", exc)
+        c.cache_misses += 1
+        limit = self.profile.deadlines.read
+        timeout = OperationTimeout(f"balance read passed its {limit:g} s deadline")
+        with (
+            self.pool.connection(statement_timeout_s=limit) as conn,
+            green.deadline(limit, timeout),
+        ):
+            try:
+                found = projections.read(conn, account_id)
+            except psycopg.Error as exc:
+                raise translate(exc) from exc
+        if found is None:
+            raise UnknownAccount(f"account {account_id} has no projection yet")
+        return "PG"
 
     def pick(self) -> int:
         """Pick an account at random from the shared set."""
@@ -158,4 +211,5 @@ class Harness:
             {"name": s.name, "size": s.size, "idle": s.idle, "peak": s.peak_in_use}
             for s in finals
         ]
+        self.redis.close()
         logger.info("harness closed in %.2f s", time.monotonic() - started)

@@ -21,15 +21,19 @@ from locust.env import Environment
 from locust.runners import LocalRunner, MasterRunner, Runner, WorkerRunner
 
 from cdc_users import summary
+from cdc_users.cdcfeed import CdcFeed
 from cdc_users.harness import Harness
-from services import logs, setup
+from services import endtoend, logs, setup
 from services.config import DEFAULT_PROFILE, Profile, load_profile
 from services.errors import BreakerOpen, CdcLoadError, ConfigError, OperationFailure
 
 logger = logs.get("locust")
 
-#: Request type of every account operation in Locust's stats.
+#: Request type of account operations answered by PostgreSQL, and by the cache.
 REQUEST_TYPE = "PG"
+CACHE_REQUEST_TYPE = "REDIS"
+#: What counts as an operation: the budget, the breaker and the pause see these.
+OPERATION_TYPES = frozenset({REQUEST_TYPE, CACHE_REQUEST_TYPE})
 #: Stop timeout given to Locust when none was asked for: an operation may wait for
 #: a permit and a connection, then run to its deadline, before its user stops.
 MAX_STOP_TIMEOUT_S = 30.0
@@ -40,8 +44,11 @@ class _State:
 
     profile: Profile | None = None
     harness: Harness | None = None
+    feed: CdcFeed | None = None
     environment: Environment | None = None
     headless: bool = True
+    #: Drain and verification of the last test, once done (local or master).
+    end: dict[str, Any] | None = None
 
 
 STATE = _State()
@@ -81,6 +88,13 @@ def _add_options(parser: Any) -> None:
         default=0,
         env_var="CDC_TARGET_OPS",
         help="Operations in total before the test stops (0: the profile's target_ops)",
+    )
+    group.add_argument(
+        "--cdc-skip-verify",
+        action="store_true",
+        default=False,
+        env_var="CDC_SKIP_VERIFY",
+        help="Workload only: no CDC feed, no drain, no verification (verdict: skipped)",
     )
     group.add_argument(
         "--cdc-summary",
@@ -192,9 +206,13 @@ def _on_test_start(environment: Environment, **_kwargs: Any) -> None:
         _stop(environment)
         return
     STATE.profile = profile
+    STATE.end = None
     try:
         if not isinstance(runner, WorkerRunner):
             setup.prepare(profile)
+            if not _skip_verify(environment):
+                STATE.feed = CdcFeed(environment, profile)
+                STATE.feed.start()
         if isinstance(runner, MasterRunner):
             return
         harness = Harness(
@@ -219,10 +237,6 @@ def _on_test_start(environment: Environment, **_kwargs: Any) -> None:
 
 def _finish(environment: Environment) -> None:
     logger.info("target of %s operations reached", current().budget.limit)
-    if STATE.headless and getattr(environment.parsed_options, "csv_prefix", None):
-        # Locust's CSV writer writes once per interval and not at exit: wait one
-        # interval, with no ticket left to run, so the files get the final numbers.
-        gevent.sleep(locust_stats.CSV_STATS_INTERVAL_SEC + 0.1)
     _stop(environment)
 
 
@@ -241,7 +255,7 @@ def _stop(environment: Environment) -> None:
 def _on_request(
     request_type: str, exception: BaseException | None = None, **_kwargs: Any
 ) -> None:
-    if request_type != REQUEST_TYPE:
+    if request_type not in OPERATION_TYPES:
         return
     harness = STATE.harness
     if harness is None:
@@ -255,11 +269,39 @@ def _on_request(
     harness.budget.finish()
 
 
+def _skip_verify(environment: Environment) -> bool:
+    return bool(getattr(environment.parsed_options, "cdc_skip_verify", False))
+
+
 def _on_test_stop(environment: Environment, **_kwargs: Any) -> None:
     harness = STATE.harness
-    if harness is None:
+    if harness is not None:
+        harness.close()
+    if isinstance(environment.runner, WorkerRunner) or STATE.profile is None:
         return
-    harness.close()
+    if not STATE.headless:
+        if STATE.feed is not None:
+            gevent.spawn(_end_of_test, environment)
+        return
+    # Before Locust writes its HTML report and prints its stats, so the CDC rows of
+    # the drain are in both.
+    if STATE.feed is not None and STATE.end is None:
+        _end_of_test(environment)
+    if getattr(environment.parsed_options, "csv_prefix", None):
+        # Locust's CSV writer writes once per interval and not at exit: wait one
+        # interval, with nothing left to run, so the files get the final numbers.
+        gevent.sleep(locust_stats.CSV_STATS_INTERVAL_SEC + 0.1)
+
+
+def _end_of_test(environment: Environment) -> None:
+    profile, feed = STATE.profile, STATE.feed
+    assert profile is not None and feed is not None
+    logger.info("waiting for the CDC consumer to apply everything committed")
+    STATE.end = endtoend.drain_and_verify(profile)
+    if not feed.catch_up():
+        logger.warning("the lag stream was not read to its end")
+    feed.stop()
+    STATE.feed = None
 
 
 def _on_quitting(environment: Environment, **_kwargs: Any) -> None:
@@ -271,7 +313,13 @@ def _on_quitting(environment: Environment, **_kwargs: Any) -> None:
         harness.close()
     if not isinstance(runner, LocalRunner | MasterRunner):
         return
-    report = summary.build(environment, STATE.profile, harness)
+    report = summary.build(
+        environment,
+        STATE.profile,
+        harness,
+        end=STATE.end,
+        verified=not _skip_verify(environment),
+    )
     for line in summary.render(report):
         print(line, flush=True)
     target = getattr(environment.parsed_options, "cdc_summary", "")

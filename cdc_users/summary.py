@@ -13,7 +13,9 @@ from cdc_users.harness import Counters, Harness
 from services import thresholds
 from services.config import Profile
 
-REQUEST_TYPE = "PG"
+#: Request types of account operations (PostgreSQL and the cache) and of CDC.
+OPERATION_TYPES = ("PG", "REDIS")
+CDC_TYPE = "CDC"
 #: Failure kinds that are a deadline passing, reported apart from errors.
 TIMEOUT_KINDS = frozenset({"OperationTimeout"})
 
@@ -21,21 +23,23 @@ TIMEOUT_KINDS = frozenset({"OperationTimeout"})
 WORKER_COUNTERS: dict[str, dict[str, Any]] = {}
 
 
-def merged(environment: Environment, request_type: str) -> StatsEntry:
-    """Merge every stats row of one request type into one entry."""
+def merged(environment: Environment, *request_types: str) -> StatsEntry:
+    """Merge every stats row of the given request types into one entry."""
     stats = environment.stats
-    total = StatsEntry(stats, request_type, "", use_response_times_cache=False)
+    total = StatsEntry(
+        stats, "+".join(request_types), "", use_response_times_cache=False
+    )
     for (_name, method), entry in stats.entries.items():
-        if method == request_type:
+        if method in request_types:
             total.extend(entry)
     return total
 
 
-def failure_kinds(environment: Environment, request_type: str) -> Counter[str]:
-    """Count failures of one request type by exception name."""
+def failure_kinds(environment: Environment, *request_types: str) -> Counter[str]:
+    """Count failures of the given request types by exception name."""
     kinds: Counter[str] = Counter()
     for err in environment.stats.errors.values():
-        if err.method == request_type:
+        if err.method in request_types:
             # An exception locally, its repr() once it came from a worker.
             text = StatsError.parse_error(err.error)
             kinds[text.split("(", 1)[0].strip()] += err.occurrences
@@ -50,11 +54,21 @@ def process_counters(harness: Harness | None) -> dict[str, dict[str, Any]]:
 
 
 def build(
-    environment: Environment, profile: Profile, harness: Harness | None
+    environment: Environment,
+    profile: Profile,
+    harness: Harness | None,
+    *,
+    end: dict[str, Any] | None = None,
+    verified: bool = True,
 ) -> dict[str, Any]:
-    """Gather the run's numbers into a JSON-ready dict with a verdict."""
-    ops = merged(environment, REQUEST_TYPE)
-    kinds = failure_kinds(environment, REQUEST_TYPE)
+    """Gather the run's numbers into a JSON-ready dict with a verdict.
+
+    `end` is the drain and verification result; with `verified` and no `end`, the
+    verification did not run, which fails the run.
+    """
+    ops = merged(environment, *OPERATION_TYPES)
+    kinds = failure_kinds(environment, *OPERATION_TYPES)
+    cdc = merged(environment, CDC_TYPE)
     duration = max(1e-9, (ops.last_request_timestamp or 0) - ops.start_time)
     ratio = ops.num_failures / ops.num_requests if ops.num_requests else 0.0
     p99 = ops.get_response_time_percentile(0.99) if ops.num_requests else 0.0
@@ -69,7 +83,30 @@ def build(
             totals.peak_utilization, counters["peak_utilization"]
         )
         totals.conflicts_retried += counters["conflicts_retried"]
-    verdicts = thresholds.evaluate(profile.thresholds, failure_ratio=ratio, p99_ms=p99)
+        totals.cache_hits += counters["cache_hits"]
+        totals.cache_misses += counters["cache_misses"]
+        totals.cache_errors += counters["cache_errors"]
+
+    verification = (end or {}).get("verification")
+    lag_p99: float | None = None
+    violations: int | None = None
+    if verified:
+        violations = (
+            sum(c["violations"] for c in verification["checks"])
+            if verification
+            else 1  # nothing was verified: that is not a pass
+        )
+        lag = (verification or {}).get("lag") or {}
+        lag_p99 = float(lag.get("p99_ms") or 0.0)
+        if end is not None and "error" in end.get("drain", {}):
+            violations = max(violations, 1)
+    verdicts = thresholds.evaluate(
+        profile.thresholds,
+        failure_ratio=ratio,
+        p99_ms=p99,
+        cdc_lag_p99_ms=lag_p99,
+        violations=violations,
+    )
     return {
         "profile": profile.name,
         "write_path": profile.event_store.write_path,
@@ -77,10 +114,7 @@ def build(
         "target_ops": profile.workload.target_ops,
         "duration_s": round(duration, 3),
         "ops_per_s": round(ops.num_requests / duration, 1) if ops.num_requests else 0.0,
-        "latency_ms": {
-            q: ops.get_response_time_percentile(p) if ops.num_requests else 0
-            for q, p in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99), ("max", 1.0))
-        },
+        "latency_ms": _percentiles(ops),
         "failures": ops.num_failures,
         "failure_ratio": ratio,
         "timeouts": sum(n for k, n in kinds.items() if k in TIMEOUT_KINDS),
@@ -92,9 +126,31 @@ def build(
         "utilization_paused_s": totals.utilization_paused_s,
         "peak_pool_utilization": round(totals.peak_utilization, 3),
         "conflicts_retried": totals.conflicts_retried,
+        "cache": {
+            "hits": totals.cache_hits,
+            "misses": totals.cache_misses,
+            "errors": totals.cache_errors,
+        },
+        "cdc_live": {
+            "samples": cdc.num_requests,
+            "late": cdc.num_failures,
+            "latency_ms": _percentiles(cdc),
+        },
+        "drain": (end or {}).get("drain"),
+        "verification": verification,
+        "verified": verified,
         "processes": per_process,
         "thresholds": [dataclasses.asdict(v) for v in verdicts],
         "passed": all(v.passed for v in verdicts),
+    }
+
+
+def _percentiles(entry: StatsEntry) -> dict[str, float]:
+    if not entry.num_requests:
+        return {"p50": 0, "p95": 0, "p99": 0, "max": 0}
+    return {
+        q: entry.get_response_time_percentile(p)
+        for q, p in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99), ("max", 1.0))
     }
 
 
@@ -113,6 +169,38 @@ def render(report: dict[str, Any]) -> list[str]:
     ]
     for kind, count in report["failures_by_kind"].items():
         lines.append(f"    {kind:<18} {count}")
+    cache = report["cache"]
+    live = report["cdc_live"]
+    lines += [
+        f"  cache reads     {cache['hits']} hits, {cache['misses']} misses,"
+        f" {cache['errors']} errors",
+        f"  cdc live        {live['samples']} transactions seen,"
+        f" p50 {live['latency_ms']['p50']:.0f} ms"
+        f" p99 {live['latency_ms']['p99']:.0f} ms, {live['late']} late",
+    ]
+    verification = report["verification"]
+    if verification:
+        lag = verification["lag"]
+        lines.append(
+            f"  cdc lag ms      p50 {_ms(lag['p50_ms'])}  p95 {_ms(lag['p95_ms'])}"
+            f"  p99 {_ms(lag['p99_ms'])}  max {_ms(lag['max_ms'])}"
+            f" over {lag['count']} source transactions"
+        )
+    drain = report["drain"] or {}
+    if "error" in drain:
+        lines.append(f"  drain           FAILED: {drain['error']}")
+    elif drain:
+        lines.append(f"  drain           caught up in {drain['seconds']:.2f} s")
+    if verification:
+        for check in verification["checks"]:
+            mark = (
+                "ok"
+                if check["violations"] == 0
+                else f"{check['violations']} violations"
+            )
+            lines.append(f"    {check['name']:<28} {mark}")
+    elif not report["verified"]:
+        lines.append("  verification    skipped (--cdc-skip-verify)")
     lines += [
         f"  breaker         {report['breaker_trips']} trips,"
         f" {report['breaker_paused_s']:g} s paused",
@@ -129,3 +217,7 @@ def render(report: dict[str, Any]) -> list[str]:
     ]
     lines.append(f"  verdict         {'PASS' if report['passed'] else 'FAIL'}")
     return lines
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"

@@ -27,6 +27,7 @@ logger = logs.get("users")
 
 
 def _operation(name: str, body: Callable[[Harness], object]) -> Callable[[Any], None]:
+    # A body may return the request type of the store that answered it.
     def task(user: AccountUser) -> None:
         user.operate(name, body)
 
@@ -48,7 +49,7 @@ def _transfer(h: Harness) -> object:
 
 
 def _balance(h: Harness) -> object:
-    return h.store.balance(h.pick())
+    return h.read_balance(h.pick())
 
 
 def _open(h: Harness) -> object:
@@ -93,20 +94,23 @@ class AccountUser(User):
 
         started = time.perf_counter()
         failure: OperationFailure | None = None
+        request_type = hooks.REQUEST_TYPE
         try:
             harness.breaker.check()
             harness.limiter.acquire()
             try:
-                body(harness)
+                answered = body(harness)
             finally:
                 harness.limiter.release()
+            if isinstance(answered, str):
+                request_type = answered
         except OperationFailure as exc:
             failure = exc
             logger.debug("%s failed: %s", name, exc)
         elapsed_ms = (time.perf_counter() - started) * 1000
 
         self.environment.events.request.fire(
-            request_type=hooks.REQUEST_TYPE,
+            request_type=request_type,
             name=name,
             response_time=elapsed_ms,
             response_length=0,

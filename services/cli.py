@@ -46,6 +46,42 @@ def cmd_reset(args: argparse.Namespace) -> int:
     profile = _profile(args)
     with setup.connect(profile.database.url, "reset") as conn:
         schema.reset(conn)
+    setup.forget_cache(profile)
+    return 0
+
+
+def cmd_consumer(args: argparse.Namespace) -> int:
+    """Run the CDC consumer until SIGINT or SIGTERM; resume from its checkpoint."""
+    import os
+    import signal
+    import threading
+    from pathlib import Path
+
+    from services.consumer import Consumer
+
+    profile = _profile(args)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        logger.info("signal %s: stopping after the current batch", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    consumer = Consumer(profile, process=str(os.getpid()))
+    consumer.start()
+    if args.ready_file:
+        Path(args.ready_file).write_text(f"{os.getpid()}\n")
+    consumer.run(stop)
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    """Wait until the consumer has applied everything committed so far."""
+    from services.consumer import drain
+
+    profile = _profile(args)
+    drain(profile, timeout_s=args.timeout)
     return 0
 
 
@@ -53,6 +89,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "check-config": (cmd_check_config, "validate a profile and print it resolved"),
     "setup": (cmd_setup, "create the schema and the accounts"),
     "reset": (cmd_reset, "empty the event store and forget our slots"),
+    "consumer": (cmd_consumer, "run the CDC consumer"),
+    "drain": (cmd_drain, "wait until the consumer has caught up"),
 }
 
 
@@ -70,6 +108,12 @@ def parser() -> argparse.ArgumentParser:
         )
         if name == "setup":
             sub.add_argument("--reset", action="store_true", help="empty it first")
+        if name == "consumer":
+            sub.add_argument("--ready-file", help="write the pid here once started")
+        if name == "drain":
+            sub.add_argument(
+                "--timeout", type=float, help="seconds (default: cdc.drain_timeout)"
+            )
         sub.set_defaults(func=func)
     return top
 

@@ -53,6 +53,8 @@ MAX_AMOUNT = 5_000
 SETUP_BATCH_SIZE = 500
 #: Users started per second.
 SPAWN_RATE = 100.0
+#: Unconfirmed WAL past which the consumer warns that it is falling behind, bytes.
+BACKLOG_WARN_BYTES = 64 * 1024 * 1024
 
 NAMED_OVERRIDES: dict[str, str] = {
     "DATABASE_URL": "database.url",
@@ -75,6 +77,10 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
         "a lowercase SQL identifier (letters, digits, _)",
     ),
     "url": (lambda v: "://" in v, "a URL such as postgresql://host:5432/db"),
+    "slot": (
+        lambda v: re.fullmatch(r"cdc_load[a-z0-9_]{0,55}", v) is not None,
+        "a name starting with cdc_load, then lowercase letters, digits or _",
+    ),
 }
 
 
@@ -217,11 +223,28 @@ class CacheSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CdcSettings:
+    """The CDC consumer: its slot, how it reads, and what counts as late."""
+
+    # Names start with cdc_load: a reset drops every slot of ours by that prefix.
+    slot_name: str = _spec("cdc_load_slot", check="slot")
+    publication_name: str = _spec("cdc_load_pub", check="slot")
+    reader: Literal["stream", "sql"] = _spec("stream")
+    #: A source transaction not applied within this is a failed propagation.
+    max_lag: float = _spec(1.0, check="positive", duration=True)
+    backlog_warn_bytes: int = _spec(BACKLOG_WARN_BYTES, check="positive")
+    drain_timeout: float = _spec(60.0, check="positive", duration=True)
+    status_interval: float = _spec(1.0, check="positive", duration=True)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Thresholds:
     """Limits that decide the exit code of a headless run."""
 
     max_failure_ratio: float = _spec(check="ratio")
     max_p99_ms: float = _spec(check="positive")
+    max_cdc_lag_p99_ms: float = _spec(check="positive")
+    max_verification_violations: int = _spec(0, check="non_negative")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -239,6 +262,7 @@ class Profile:
     utilization_pause: UtilizationPauseSettings = _spec()
     redis: RedisSettings = _spec()
     cache: CacheSettings = _spec()
+    cdc: CdcSettings = _spec(CdcSettings())
     thresholds: Thresholds = _spec()
     #: Where the profile was read from; not a key of the file.
     source: str = field(default="", compare=False)

@@ -59,7 +59,9 @@ WITH opened AS (
     RETURNING account_id, balance
 )
 INSERT INTO events (account_id, version, event_type, delta, transaction_id)
-SELECT account_id, 1, 'AccountOpened', balance, gen_random_uuid() FROM opened
+SELECT account_id, 1, 'AccountOpened', balance,
+    coalesce(%(tx)s::uuid, gen_random_uuid())
+FROM opened
 RETURNING account_id
 """
 
@@ -245,7 +247,7 @@ class EventStore:
         ):
             try:
                 if cmd.kind == "open":
-                    new_id = self._open(conn, [cmd.amount])[0]
+                    new_id = self._open(conn, [cmd.amount], cmd.transaction_id)[0]
                     return Outcome(cmd.transaction_id, new_id)
                 return self._append(conn, cmd)
             except psycopg.Error as exc:
@@ -276,8 +278,10 @@ class EventStore:
             return Outcome(cmd.transaction_id, cmd.account_id, attempt)
         raise AssertionError("unreachable: the loop returns or raises")
 
-    def _open(self, conn: Conn, balances: list[int]) -> list[int]:
-        rows = conn.execute(SQL_OPEN, {"balances": balances}).fetchall()
+    def _open(self, conn: Conn, balances: list[int], tx: uuid.UUID) -> list[int]:
+        # The command's own id, as the batched path writes it: the outcome names
+        # the transaction that reconciliation will look for in the events.
+        rows = conn.execute(SQL_OPEN, {"balances": balances, "tx": tx}).fetchall()
         return [int(r[0]) for r in rows]
 
     def balance(self, account_id: int) -> Head:
@@ -315,7 +319,9 @@ def create_accounts(
     ids: list[int] = []
     while len(ids) < count:
         size = min(batch_size, count - len(ids))
-        rows = conn.execute(SQL_OPEN, {"balances": [opening_balance] * size})
+        # Setup opens each account in a transaction of its own id.
+        params = {"balances": [opening_balance] * size, "tx": None}
+        rows = conn.execute(SQL_OPEN, params)
         ids.extend(int(r[0]) for r in rows.fetchall())
         if progress is not None:
             progress(len(ids), count)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import psycopg
 import psycopg_pool
 from psycopg import errors as pg_errors
+from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow
 
 from services import logs
@@ -36,6 +37,8 @@ APP_PREFIX = "cdc-load"
 OPEN_TIMEOUT_S = 30.0
 #: How long `close()` waits for borrowed connections to come back, in seconds.
 CLOSE_TIMEOUT_S = 5.0
+#: How long cancelling the query of an interrupted connection may take, in seconds.
+CANCEL_TIMEOUT_S = 1.0
 
 
 def application_name(role: str, process: str | None = None) -> str:
@@ -220,6 +223,8 @@ class Pool:
             yield conn
         finally:
             self._in_use -= 1
+            if conn.info.transaction_status == TransactionStatus.ACTIVE:
+                _cancel(conn)
             # putconn closes a connection still busy with a query (status ACTIVE)
             # rather than handing it to the next caller.
             self._pool.putconn(conn)
@@ -258,6 +263,16 @@ class Pool:
             checks=self._checks,
             timeouts=self._timeouts,
         )
+
+
+def _cancel(conn: Conn) -> None:
+    # Left in the middle of a query (a client deadline, a killed greenlet). Closing
+    # the connection alone leaves the statement running on the server: it keeps its
+    # locks and its backend, beyond max_size, and a write may still commit later.
+    try:
+        conn.cancel_safe(timeout=CANCEL_TIMEOUT_S)
+    except psycopg.Error as exc:
+        logger.warning("could not cancel an interrupted query: %s", exc)
 
 
 def set_statement_timeout(conn: Conn, seconds: float) -> None:

@@ -18,7 +18,7 @@ raises SQLSTATE 40001, the serialization failure that clients (and pgbench's
 
 from __future__ import annotations
 
-from services import logs
+from services import logs, projections
 from services.pool import Conn
 
 logger = logs.get("schema")
@@ -52,8 +52,15 @@ CREATE TABLE IF NOT EXISTS events (
     delta bigint NOT NULL,
     transaction_id uuid NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now(),
+    -- The writing database transaction: what CDC delivers as one unit, so the
+    -- verifier can count source transactions and name the ones missing.
+    txid xid8 NOT NULL DEFAULT pg_current_xact_id(),
     UNIQUE (account_id, version)
 );
+
+-- An event store made before txid existed gets it too.
+ALTER TABLE events
+    ADD COLUMN IF NOT EXISTS txid xid8 NOT NULL DEFAULT pg_current_xact_id();
 
 CREATE OR REPLACE FUNCTION cdc_events_append_only() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -109,7 +116,7 @@ def create(conn: Conn) -> None:
 
 
 def reset(conn: Conn) -> list[str]:
-    """Empty the event store and drop this project's slots in this database.
+    """Empty the event store and projections; drop our slots in this database.
 
     Return the names of the slots dropped. A slot of ours that is in use by a
     running consumer cannot be dropped and makes this raise: stop it first.
@@ -123,6 +130,7 @@ def reset(conn: Conn) -> list[str]:
     dropped = [str(r[0]) for r in rows]
     for name in dropped:
         conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+    projections.reset(conn)
     with conn.transaction():
         conn.execute("TRUNCATE events, accounts RESTART IDENTITY")
     logger.info(

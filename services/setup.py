@@ -7,8 +7,9 @@ the local runner or the master), on a short-lived connection of its own.
 from __future__ import annotations
 
 import psycopg
+import redis
 
-from services import logs, schema
+from services import cache, logs, schema
 from services.config import Profile, mask_url
 from services.errors import ServiceUnavailable
 from services.eventstore import create_accounts, existing_accounts
@@ -44,6 +45,7 @@ def prepare(profile: Profile, *, reset: bool = False) -> list[int]:
         schema.create(conn)
         if reset:
             schema.reset(conn)
+            forget_cache(profile)
         have = existing_accounts(conn, wanted)
         missing = wanted - len(have)
         if missing > 0:
@@ -62,3 +64,20 @@ def prepare(profile: Profile, *, reset: bool = False) -> list[int]:
             have = existing_accounts(conn, wanted)
     logger.info("%s accounts ready", len(have))
     return have
+
+
+def forget_cache(profile: Profile) -> None:
+    """Delete our keys in Redis, so a new run starts with an empty cache.
+
+    Raise `ServiceUnavailable` if Redis does not answer.
+    """
+    client = cache.client(profile.redis.url, max_connections=1)
+    try:
+        deleted = cache.forget(client)
+    except redis.RedisError as exc:
+        raise ServiceUnavailable(
+            f"cannot reach Redis at {mask_url(profile.redis.url)}: {exc}"
+        ) from exc
+    finally:
+        client.close()
+    logger.info("deleted %s keys of ours in Redis", deleted)
