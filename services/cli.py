@@ -85,12 +85,33 @@ def cmd_drain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Verify projections and cache against the event store; exit 1 on a violation.
+
+    Prints a table and writes the report as JSON. Run it on a drained system: after
+    a run, or with --drain while the consumer is running.
+    """
+    from pathlib import Path
+
+    from services import consumer, endtoend, verify
+
+    profile = _profile(args)
+    if args.drain:
+        consumer.drain(profile)
+    report = endtoend.run_verification(profile, report_path=Path(args.report))
+    for line in verify.render(report):
+        print(line)
+    print(f"report written to {args.report}", file=sys.stderr)
+    return 0 if report.passed else 1
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "check-config": (cmd_check_config, "validate a profile and print it resolved"),
     "setup": (cmd_setup, "create the schema and the accounts"),
     "reset": (cmd_reset, "empty the event store and forget our slots"),
     "consumer": (cmd_consumer, "run the CDC consumer"),
     "drain": (cmd_drain, "wait until the consumer has caught up"),
+    "verify": (cmd_verify, "check projections and cache against the event store"),
 }
 
 
@@ -110,6 +131,15 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--reset", action="store_true", help="empty it first")
         if name == "consumer":
             sub.add_argument("--ready-file", help="write the pid here once started")
+        if name == "verify":
+            sub.add_argument(
+                "--drain", action="store_true", help="wait for the consumer first"
+            )
+            sub.add_argument(
+                "--report",
+                default="reports/verification.json",
+                help="where to write the JSON report",
+            )
         if name == "drain":
             sub.add_argument(
                 "--timeout", type=float, help="seconds (default: cdc.drain_timeout)"

@@ -13,8 +13,7 @@ from services.errors import CdcLoadError
 
 logger = logs.get("endtoend")
 
-#: Where the verification report goes unless told otherwise.
-REPORT_PATH = Path("reports/verification.json")
+REPORT_PATH = verify.REPORT_PATH
 
 
 def run_verification(

@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 import redis  # noqa: E402
 from psycopg import sql  # noqa: E402
 
-from services import schema  # noqa: E402
+from services import cache, schema  # noqa: E402
 from services.config import Profile, load_profile  # noqa: E402
 from services.pool import Conn  # noqa: E402
 
@@ -85,8 +85,14 @@ def conn(db_url: str) -> Iterator[Conn]:
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:
-    """The Redis URL; the suite fails here if it does not answer."""
-    url = os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
+    """A Redis database of the session's own; the suite fails if Redis is down.
+
+    The number is derived from the pid so that two suites on one server (a
+    developer's and a helper's) rarely share a database; cache keys are not
+    namespaced per run.
+    """
+    base = os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
+    url = urlunsplit(urlsplit(base)._replace(path=f"/{1 + os.getpid() % 15}"))
     client = redis.Redis.from_url(url, socket_connect_timeout=5)
     try:
         client.ping()
@@ -95,6 +101,15 @@ def redis_url() -> str:
     finally:
         client.close()
     return url
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    """A client on the session's Redis database, emptied of our keys."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    cache.forget(client)
+    yield client
+    client.close()
 
 
 def make_profile(db_url: str, redis_url: str, **overrides: Any) -> Profile:

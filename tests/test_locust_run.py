@@ -1,4 +1,8 @@
-"""Headless Locust runs of a few seconds: budget, gates, exit codes, clean stop."""
+"""Headless Locust runs of a few seconds: budget, gates, exit codes, clean stop.
+
+These runs exercise the workload alone (`--cdc-skip-verify`); the runs with a CDC
+consumer, drain and verification are in test_cdc_end_to_end.py.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ def run_locust(
     env: dict[str, str] | None = None,
     *args: str,
     profile: str = "configs/optimized.yaml",
+    skip_verify: bool = True,
 ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any] | None]:
     summary = tmp_path / "summary.json"
     full_env = {
@@ -50,6 +55,7 @@ def run_locust(
             str(summary),
             "-t",
             "60s",
+            *(["--cdc-skip-verify"] if skip_verify else []),
             *args,
         ],
         cwd=ROOT,

@@ -13,6 +13,7 @@ The live capture uses the database `cdc_helper_a` on the server of DATABASE_URL
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
@@ -94,12 +95,11 @@ def ensure_helper_database() -> str:
             "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)
         ).fetchone()
         if found is None:
-            try:
+            # Another session may create it between the check and here.
+            with contextlib.suppress(psycopg.errors.DuplicateDatabase):
                 conn.execute(
                     sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE))
                 )
-            except psycopg.errors.DuplicateDatabase:
-                pass
     url = conninfo.make_conninfo(server, dbname=DATABASE)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(EVENTS_DDL)
@@ -142,7 +142,8 @@ def _events_scenario(conn: psycopg.Connection[Any]) -> None:
 def _scratch_scenario(conn: psycopg.Connection[Any]) -> None:
     # One transaction per kind of change, so the fixture reads as a list of cases.
     conn.execute(
-        "INSERT INTO cdc_ha_scratch VALUES (1, NULL, 'happy', %s), (2, 'two', NULL, NULL)",
+        "INSERT INTO cdc_ha_scratch"
+        " VALUES (1, NULL, 'happy', %s), (2, 'two', NULL, NULL)",
         (BODY,),
     )
     conn.execute("UPDATE cdc_ha_scratch SET note = 'noted' WHERE id = 1")
@@ -220,20 +221,29 @@ def capture(url: str, name: str) -> list[bytes]:
             " (id int PRIMARY KEY, note text, mood cdc_ha_mood, body text)"
         )
         # Stored out of line uncompressed, so an update can leave it unchanged.
-        conn.execute("ALTER TABLE cdc_ha_scratch ALTER COLUMN body SET STORAGE EXTERNAL")
+        conn.execute(
+            "ALTER TABLE cdc_ha_scratch ALTER COLUMN body SET STORAGE EXTERNAL"
+        )
         conn.execute("DELETE FROM events WHERE account_id = %s", (ACCOUNT,))
         conn.execute(f"DROP PUBLICATION IF EXISTS {PUBLICATION}")
-        conn.execute(f"CREATE PUBLICATION {PUBLICATION} FOR TABLE events, cdc_ha_scratch")
-        if conn.execute(
-            "SELECT 1 FROM pg_replication_origin WHERE roname = %s", (ORIGIN,)
-        ).fetchone() is None:
+        conn.execute(
+            f"CREATE PUBLICATION {PUBLICATION} FOR TABLE events, cdc_ha_scratch"
+        )
+        if (
+            conn.execute(
+                "SELECT 1 FROM pg_replication_origin WHERE roname = %s", (ORIGIN,)
+            ).fetchone()
+            is None
+        ):
             conn.execute("SELECT pg_replication_origin_create(%s)", (ORIGIN,))
         conn.execute(
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
             " WHERE slot_name = %s",
             (SLOT,),
         )
-        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (SLOT,))
+        conn.execute(
+            "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (SLOT,)
+        )
         try:
             scenario(conn)
             # Streaming starts once a transaction's changes pass this much memory.
@@ -546,7 +556,8 @@ def test_lsn_text_round_trip() -> None:
             parse_lsn(bad)
     with pytest.raises(ValueError):
         format_lsn(-1)
-    assert PG_EPOCH_UNIX_US == int(datetime(2000, 1, 1, tzinfo=UTC).timestamp()) * 10**6
+    pg_epoch = datetime(2000, 1, 1, tzinfo=UTC)
+    assert int(pg_epoch.timestamp()) * 10**6 == PG_EPOCH_UNIX_US
 
 
 def _rate(messages: list[bytes], rounds: int) -> float:

@@ -8,6 +8,7 @@ behind. The same delivery checks run against both readers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -74,12 +75,11 @@ def _helper_url() -> str:
             "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)
         ).fetchone()
         if found is None:
-            try:
+            # Another session may create it between the check and here.
+            with contextlib.suppress(psycopg.errors.DuplicateDatabase):
                 conn.execute(
                     sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE))
                 )
-            except psycopg.errors.DuplicateDatabase:
-                pass
     return conninfo.make_conninfo(server, dbname=DATABASE)
 
 
@@ -147,9 +147,7 @@ class Written:
 _next_account = iter(range(int(time.time() * 1000) % 10**9 * 100, 10**15))
 
 
-def write(
-    conn: psycopg.Connection[Any], events: int = 1, others: int = 0
-) -> Written:
+def write(conn: psycopg.Connection[Any], events: int = 1, others: int = 0) -> Written:
     """Commit one transaction of `events` event rows and `others` other rows."""
     rows = []
     with conn.transaction():
@@ -298,9 +296,11 @@ def test_a_slot_in_use_is_refused(
 ) -> None:
     with StreamSlotReader(url, slot, slot) as holder:
         holder.read(timeout_s=0.1)
-        with pytest.raises(SlotError, match="active"):
-            with open_reader(kind, url, slot) as other:
-                other.read(timeout_s=0.1)
+        with (
+            pytest.raises(SlotError, match="active"),
+            open_reader(kind, url, slot) as other,
+        ):
+            other.read(timeout_s=0.1)
 
 
 def test_sql_reader_reads_ahead_one_window_only(

@@ -373,11 +373,12 @@ def test_missing_checkpoint(state: State) -> None:
 
 
 def test_transfer_that_does_not_net_to_zero(state: State) -> None:
-    tx, credited = state.conn.execute(
+    row = state.conn.execute(
         "SELECT transaction_id, account_id FROM events"
         " WHERE event_type = 'TransferCredited' ORDER BY position LIMIT 1"
-    ).fetchone() or (None, None)
-    assert tx is not None
+    ).fetchone()
+    assert row is not None
+    tx, credited = row
     # A second credit in the same transfer, written as the store writes events:
     # head and event together, so the store and its heads stay consistent.
     state.conn.execute(
