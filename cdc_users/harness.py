@@ -24,6 +24,7 @@ from services.eventstore import (
     EventStore,
     Outcome,
     existing_accounts,
+    read_heads,
     translate,
 )
 from services.gates import CircuitBreaker, InFlightLimiter, OpBudget, UtilizationPause
@@ -53,6 +54,7 @@ class Counters:
     cache_hits: int = 0
     cache_misses: int = 0
     cache_errors: int = 0
+    projection_misses: int = 0
     final_pools: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -126,9 +128,10 @@ class Harness:
     def read_balance(self, account_id: int) -> str:
         """Read a balance from the cache, else from the projection.
 
-        Return the request type of the store that answered (`REDIS` or `PG`).
-        Raise `UnknownAccount` if neither has the account, `OperationTimeout` past
-        the read deadline. A Redis error is counted and falls back to PostgreSQL.
+        Return the request type of the store that answered (`REDIS` or `PG`). An
+        account not projected yet is read from the event store's head. Raise
+        `UnknownAccount` if no store has it, `OperationTimeout` past the read
+        deadline. A Redis error is counted and falls back to PostgreSQL.
         """
         c = self.counters
         if time.monotonic() >= self._cache_down_until:
@@ -151,8 +154,16 @@ class Harness:
                 found = projections.read(conn, account_id)
             except psycopg.Error as exc:
                 raise translate(exc) from exc
-        if found is None:
-            raise UnknownAccount(f"account {account_id} has no projection yet")
+            if found is None:
+                # Not projected yet (the consumer is behind, or restarting): the
+                # event store's head answers, as a read of one's own writes would.
+                c.projection_misses += 1
+                try:
+                    head = read_heads(conn, [account_id]).get(account_id)
+                except psycopg.Error as exc:
+                    raise translate(exc) from exc
+                if head is None:
+                    raise UnknownAccount(f"account {account_id} does not exist")
         return "PG"
 
     def pick(self) -> int:

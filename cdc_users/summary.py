@@ -86,6 +86,7 @@ def build(
         totals.cache_hits += counters["cache_hits"]
         totals.cache_misses += counters["cache_misses"]
         totals.cache_errors += counters["cache_errors"]
+        totals.projection_misses += counters["projection_misses"]
 
     verification = (end or {}).get("verification")
     lag_p99: float | None = None
@@ -130,6 +131,7 @@ def build(
             "hits": totals.cache_hits,
             "misses": totals.cache_misses,
             "errors": totals.cache_errors,
+            "projection_misses": totals.projection_misses,
         },
         "cdc_live": {
             "samples": cdc.num_requests,
@@ -173,7 +175,7 @@ def render(report: dict[str, Any]) -> list[str]:
     live = report["cdc_live"]
     lines += [
         f"  cache reads     {cache['hits']} hits, {cache['misses']} misses,"
-        f" {cache['errors']} errors",
+        f" {cache['errors']} errors, {cache['projection_misses']} not projected yet",
         f"  cdc live        {live['samples']} transactions seen,"
         f" p50 {live['latency_ms']['p50']:.0f} ms"
         f" p99 {live['latency_ms']['p99']:.0f} ms, {live['late']} late",

@@ -154,6 +154,10 @@ def test_every_key_can_be_overridden_from_the_environment() -> None:
             new = value / 2
         elif key.endswith("write_path"):
             new = "batched" if value == "direct" else "direct"
+        elif key.endswith("cdc.reader"):
+            new = "sql" if value == "stream" else "stream"
+        elif key.endswith(("slot_name", "publication_name")):
+            new = value + "_x"
         elif value is None:
             new = 1.0
         else:

@@ -303,6 +303,29 @@ def test_a_slot_in_use_is_refused(
             other.read(timeout_s=0.1)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_reader_whose_server_session_ends_fails_for_good(
+    kind: Kind, url: str, conn: psycopg.Connection[Any], slot: str
+) -> None:
+    name = f"cdc-load-cdc-doomed-{kind}"
+    reader = open_reader(kind, url, slot, application_name=name)
+    try:
+        assert reader.read(timeout_s=0.1) == []
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = %s",
+            (name,),
+        )
+        with pytest.raises(SlotError):
+            deadline = time.monotonic() + ARRIVAL_TIMEOUT_S
+            while time.monotonic() < deadline:
+                reader.read(timeout_s=0.2)
+        with pytest.raises(SlotError):
+            reader.read(timeout_s=0.1)
+    finally:
+        reader.close()
+
+
 def test_sql_reader_reads_ahead_one_window_only(
     url: str, conn: psycopg.Connection[Any], slot: str
 ) -> None:
