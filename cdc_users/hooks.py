@@ -139,12 +139,16 @@ def _on_init(environment: Environment, **_kwargs: Any) -> None:
 
     from cdc_users import users
 
-    users.configure_tasks(profile.workload.weights)
     if options is not None:
         if getattr(options, "num_users", None) is None:
             options.num_users = profile.workload.users
         if not _given("-r", "--spawn-rate", "LOCUST_SPAWN_RATE"):
             options.spawn_rate = profile.workload.spawn_rate
+    users.configure(
+        profile.workload.weights,
+        target_rate=profile.workload.target_rate,
+        users=getattr(options, "num_users", None) or profile.workload.users,
+    )
     if not environment.stop_timeout:
         # Locust kills users mid-query at stop by default; give them time to finish.
         environment.stop_timeout = min(MAX_STOP_TIMEOUT_S, _longest_operation(profile))

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
-from locust import User, constant
+from locust import User, constant, constant_throughput
 from locust.exception import StopUser
 
 from cdc_users import hooks
@@ -67,12 +67,17 @@ TASKS: dict[str, Callable[[Any], None]] = {
 }
 
 
-def configure_tasks(weights: TaskWeights) -> None:
-    """Give the users the profile's task weights."""
+def configure(weights: TaskWeights, *, target_rate: float, users: int) -> None:
+    """Give the users the profile's task weights and pace."""
     chosen: list[Any] = []
     for name, task in TASKS.items():
         chosen += [task] * getattr(weights, name)
     AccountUser.tasks = chosen
+    if target_rate > 0:
+        # Each user paces itself to its share of the rate; Locust's own timer.
+        AccountUser.wait_time = constant_throughput(target_rate / max(1, users))
+    else:
+        AccountUser.wait_time = constant(0)
 
 
 class AccountUser(User):

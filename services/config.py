@@ -166,6 +166,8 @@ class WorkloadSettings:
     opening_balance: int = _spec(OPENING_BALANCE, check="positive")
     max_amount: int = _spec(MAX_AMOUNT, check="positive")
     setup_batch_size: int = _spec(SETUP_BATCH_SIZE, check="positive")
+    #: Operations per second across all users; 0 runs them as fast as they go.
+    target_rate: float = _spec(0.0, check="non_negative")
     weights: TaskWeights = _spec(TaskWeights())
 
 
