@@ -55,15 +55,19 @@ class Counters:
     cache_misses: int = 0
     cache_errors: int = 0
     projection_misses: int = 0
+    connection_errors: int = 0
     final_pools: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Harness:
     """The pools, store and gates of one process for one test run."""
 
-    def __init__(self, profile: Profile, *, budget: int, process: str) -> None:
+    def __init__(
+        self, profile: Profile, *, budget: int, process: str, overcommit: bool = False
+    ) -> None:
         self.profile = profile
         self.process = process
+        self.overcommit = overcommit
         self.breaker = CircuitBreaker(profile.circuit_breaker)
         self.pause = UtilizationPause(profile.utilization_pause)
         self.limiter = InFlightLimiter(profile.in_flight)
@@ -107,9 +111,11 @@ class Harness:
 
     def start(self) -> None:
         """Open the pools, load the account ids and start the writers."""
-        self.pool.open()
+        # Overcommitted on purpose, the minimum may never be reached: go on with
+        # what opens, and count what the server refuses.
+        self.pool.open(wait=not self.overcommit)
         if self.writer_pool is not None:
-            self.writer_pool.open()
+            self.writer_pool.open(wait=not self.overcommit)
         with self.pool.connection() as conn:
             self.accounts = existing_accounts(conn, self.profile.workload.account_count)
         if len(self.accounts) < 2:
@@ -204,6 +210,7 @@ class Harness:
         c.semaphore_timeouts = self.limiter.timeouts
         c.pool_timeouts = sum(s.timeouts for s in self.pool_stats())
         c.conflicts_retried = self.store.conflicts_retried
+        c.connection_errors = sum(s.connection_errors for s in self.pool_stats())
         return c
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ stats, and a quit triggered by the last operation sees it counted.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import gevent
+import psycopg
 import redis
 from locust import events
 from locust import stats as locust_stats
@@ -24,7 +26,7 @@ from locust.runners import LocalRunner, MasterRunner, Runner, WorkerRunner
 from cdc_users import summary
 from cdc_users.cdcfeed import CdcFeed
 from cdc_users.harness import Harness
-from services import consumer, endtoend, logs, setup
+from services import budget, consumer, endtoend, logs, preflight, setup
 from services.config import DEFAULT_PROFILE, Profile, load_profile
 from services.errors import BreakerOpen, CdcLoadError, ConfigError, OperationFailure
 
@@ -40,6 +42,7 @@ OPERATION_TYPES = frozenset({REQUEST_TYPE, CACHE_REQUEST_TYPE})
 MAX_STOP_TIMEOUT_S = 30.0
 
 
+@dataclasses.dataclass
 class _State:
     """The process's profile and its current harness."""
 
@@ -50,6 +53,15 @@ class _State:
     headless: bool = True
     #: Drain and verification of the last test, once done (local or master).
     end: dict[str, Any] | None = None
+    #: This process's share of the test, as the master sent it (workers).
+    plan: dict[str, int] | None = None
+    #: Workers that were sent a share, and those that finished it (master).
+    planned: set[str] = dataclasses.field(default_factory=set)
+    finished: set[str] = dataclasses.field(default_factory=set)
+    #: Peak of cdc-load connections seen in pg_stat_activity during the test.
+    peak_connections: int = 0
+    peak_pool_connections: int = 0
+    sampler: Any = None
 
 
 STATE = _State()
@@ -96,6 +108,13 @@ def _add_options(parser: Any) -> None:
         default=False,
         env_var="CDC_SKIP_VERIFY",
         help="Workload only: no CDC feed, no drain, no verification (verdict: skipped)",
+    )
+    group.add_argument(
+        "--cdc-allow-overcommit",
+        action="store_true",
+        default=False,
+        env_var="CDC_ALLOW_OVERCOMMIT",
+        help="Run a profile whose pools do not fit the server, to reproduce exhaustion",
     )
     group.add_argument(
         "--cdc-summary",
@@ -152,6 +171,22 @@ def _on_init(environment: Environment, **_kwargs: Any) -> None:
     if not environment.stop_timeout:
         # Locust kills users mid-query at stop by default; give them time to finish.
         environment.stop_timeout = min(MAX_STOP_TIMEOUT_S, _longest_operation(profile))
+
+    runner = environment.runner
+    if isinstance(runner, LocalRunner) and STATE.headless:
+        # Refuse a profile that cannot fit before anything is written.
+        try:
+            _preflight(environment, profile, workers=1)
+        except CdcLoadError as exc:
+            sys.stderr.write(f"cdc-load: {exc}\n")
+            _remove_empty_csv(options)
+            sys.exit(2)
+    if isinstance(runner, WorkerRunner):
+        runner.register_message("cdc_plan", _on_plan)
+        events.report_to_master.add_listener(_on_report_to_master)
+    if isinstance(runner, MasterRunner):
+        runner.register_message("cdc_done", _on_worker_done)
+        events.worker_report.add_listener(_on_worker_report)
 
     events.request.add_listener(_on_request)
     events.test_start.add_listener(_on_test_start)
@@ -214,17 +249,27 @@ def _on_test_start(environment: Environment, **_kwargs: Any) -> None:
     STATE.end = None
     try:
         if not isinstance(runner, WorkerRunner):
+            workers = _workers(runner)
+            _preflight(environment, profile, workers=len(workers) or 1)
             setup.prepare(profile)
             if not _skip_verify(environment):
                 _wait_for_projections(profile)
                 STATE.feed = CdcFeed(environment, profile)
                 STATE.feed.start()
+            STATE.peak_connections = STATE.peak_pool_connections = 0
+            STATE.sampler = gevent.spawn(_sample_connections, profile)
         if isinstance(runner, MasterRunner):
+            _send_plans(runner, profile)
             return
+        plan = STATE.plan if isinstance(runner, WorkerRunner) else None
+        if isinstance(runner, WorkerRunner) and plan is None:
+            raise CdcLoadError("no share of the test came from the master")
+        parts = plan["workers"] if plan else 1
         harness = Harness(
-            profile,
-            budget=profile.workload.target_ops,
+            budget.per_process(profile, parts),
+            budget=plan["budget"] if plan else profile.workload.target_ops,
             process=_process_name(runner),
+            overcommit=_allow_overcommit(environment),
         )
         harness.budget.on_done = lambda: gevent.spawn(_finish, environment)
         harness.start()
@@ -251,8 +296,108 @@ def _wait_for_projections(profile: Profile) -> None:
 
 
 def _finish(environment: Environment) -> None:
-    logger.info("target of %s operations reached", current().budget.limit)
+    harness = current()
+    logger.info("target of %s operations reached", harness.budget.limit)
+    runner = environment.runner
+    if isinstance(runner, WorkerRunner):
+        # The master ends the test once every worker has done its share.
+        runner.send_message("cdc_done", _counters(harness))
+        return
     _stop(environment)
+
+
+def _workers(runner: Runner | None) -> list[str]:
+    if not isinstance(runner, MasterRunner):
+        return []
+    nodes = runner.clients.ready + runner.clients.running + runner.clients.spawning
+    return sorted(node.id for node in nodes)
+
+
+def _send_plans(runner: MasterRunner, profile: Profile) -> None:
+    workers = _workers(runner)
+    STATE.planned = set(workers)
+    STATE.finished = set()
+    total = profile.workload.target_ops
+    for index, worker in enumerate(workers):
+        share = budget.share(total, index, len(workers))
+        runner.send_message(
+            "cdc_plan",
+            {"workers": len(workers), "index": index, "budget": share},
+            client_id=worker,
+        )
+    logger.info("split %s operations over %s workers", total, len(workers))
+
+
+def _on_plan(environment: Environment, msg: Any, **_kwargs: Any) -> None:
+    STATE.plan = dict(msg.data)
+    logger.info(
+        "share of this worker: %s operations, 1/%s of the pools",
+        STATE.plan["budget"],
+        STATE.plan["workers"],
+    )
+
+
+def _on_worker_done(environment: Environment, msg: Any, **_kwargs: Any) -> None:
+    summary.WORKER_COUNTERS[msg.node_id] = msg.data
+    STATE.finished.add(msg.node_id)
+    if STATE.planned and STATE.finished >= STATE.planned:
+        logger.info("every worker finished its share")
+        gevent.spawn(_stop, environment)
+
+
+def _counters(harness: Harness) -> dict[str, Any]:
+    return dataclasses.asdict(harness.snapshot())
+
+
+def _on_report_to_master(client_id: str, data: dict[str, Any], **_kwargs: Any) -> None:
+    if STATE.harness is not None:
+        data["cdc_counters"] = _counters(STATE.harness)
+
+
+def _on_worker_report(client_id: str, data: dict[str, Any], **_kwargs: Any) -> None:
+    counters = data.get("cdc_counters")
+    if counters is not None:
+        summary.WORKER_COUNTERS[client_id] = counters
+
+
+def _allow_overcommit(environment: Environment) -> bool:
+    return bool(getattr(environment.parsed_options, "cdc_allow_overcommit", False))
+
+
+def _preflight(environment: Environment, profile: Profile, *, workers: int) -> None:
+    with setup.connect(profile.database.url, "preflight") as conn:
+        preflight.check(
+            conn,
+            profile,
+            workers=workers,
+            allow_overcommit=_allow_overcommit(environment),
+        )
+
+
+#: Seconds between samples of pg_stat_activity for the peak connection count.
+SAMPLE_INTERVAL_S = 0.25
+#: Every connection of ours, and those of the Locust processes' pools alone.
+SQL_CONNECTIONS = """
+SELECT count(*),
+       count(*) FILTER (WHERE application_name LIKE 'cdc-load-users-%%'
+                           OR application_name LIKE 'cdc-load-writers-%%')
+FROM pg_stat_activity WHERE application_name LIKE 'cdc-load%%'
+"""
+
+
+def _sample_connections(profile: Profile) -> None:
+    try:
+        with setup.connect(profile.database.url, "sampler") as conn:
+            while True:
+                row = conn.execute(SQL_CONNECTIONS).fetchone()
+                if row is not None:
+                    STATE.peak_connections = max(STATE.peak_connections, int(row[0]))
+                    STATE.peak_pool_connections = max(
+                        STATE.peak_pool_connections, int(row[1])
+                    )
+                gevent.sleep(SAMPLE_INTERVAL_S)
+    except (psycopg.Error, CdcLoadError) as exc:
+        logger.warning("stopped sampling connections: %s", exc)
 
 
 def _stop(environment: Environment) -> None:
@@ -294,6 +439,9 @@ def _on_test_stop(environment: Environment, **_kwargs: Any) -> None:
         harness.close()
     if isinstance(environment.runner, WorkerRunner) or STATE.profile is None:
         return
+    if STATE.sampler is not None:
+        STATE.sampler.kill(block=True)
+        STATE.sampler = None
     if not STATE.headless:
         if STATE.feed is not None:
             gevent.spawn(_end_of_test, environment)
@@ -334,6 +482,7 @@ def _on_quitting(environment: Environment, **_kwargs: Any) -> None:
         harness,
         end=STATE.end,
         verified=not _skip_verify(environment),
+        peak_connections=(STATE.peak_connections, STATE.peak_pool_connections),
     )
     for line in summary.render(report):
         print(line, flush=True)

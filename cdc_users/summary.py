@@ -60,6 +60,7 @@ def build(
     *,
     end: dict[str, Any] | None = None,
     verified: bool = True,
+    peak_connections: tuple[int, int] = (0, 0),
 ) -> dict[str, Any]:
     """Gather the run's numbers into a JSON-ready dict with a verdict.
 
@@ -87,6 +88,7 @@ def build(
         totals.cache_misses += counters["cache_misses"]
         totals.cache_errors += counters["cache_errors"]
         totals.projection_misses += counters["projection_misses"]
+        totals.connection_errors += counters["connection_errors"]
 
     verification = (end or {}).get("verification")
     lag_p99: float | None = None
@@ -126,6 +128,9 @@ def build(
         "utilization_pauses": totals.utilization_pauses,
         "utilization_paused_s": totals.utilization_paused_s,
         "peak_pool_utilization": round(totals.peak_utilization, 3),
+        "peak_connections": peak_connections[0],
+        "peak_pool_connections": peak_connections[1],
+        "connection_errors": totals.connection_errors,
         "conflicts_retried": totals.conflicts_retried,
         "cache": {
             "hits": totals.cache_hits,
@@ -208,9 +213,19 @@ def render(report: dict[str, Any]) -> list[str]:
         f" {report['breaker_paused_s']:g} s paused",
         f"  pool            peak utilization {report['peak_pool_utilization']:.2f},"
         f" {report['utilization_pauses']} pauses, {report['utilization_paused_s']:g} s",
+        f"  connections     peak {report['peak_connections']} of ours"
+        f" ({report['peak_pool_connections']} in the users' pools),"
+        f" {report['connection_errors']} failed to open",
         f"  conflicts       {report['conflicts_retried']} retried",
-        "",
     ]
+    if len(report["processes"]) > 1:
+        for name, c in sorted(report["processes"].items()):
+            lines.append(
+                f"    worker {name[-12:]:<12} {c['trips']} trips,"
+                f" {c['breaker_paused_s'] + c['utilization_paused_s']:g} s paused,"
+                f" peak utilization {c['peak_utilization']:.2f}"
+            )
+    lines.append("")
     lines += [
         "  " + line
         for line in thresholds.table(

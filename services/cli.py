@@ -105,6 +105,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def cmd_preflight(args: argparse.Namespace) -> int:
+    """Check the server for this profile: logical decoding, slot, connections."""
+    from services import preflight, setup
+
+    profile = _profile(args)
+    with setup.connect(profile.database.url, "preflight") as conn:
+        findings, _plan = preflight.inspect(conn, profile, workers=args.workers)
+        for finding in findings:
+            print(
+                f"{'ok' if finding.ok else 'NO':<3} {finding.name:<12} {finding.detail}"
+            )
+        preflight.check(
+            conn, profile, workers=args.workers, allow_overcommit=args.allow_overcommit
+        )
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "check-config": (cmd_check_config, "validate a profile and print it resolved"),
     "setup": (cmd_setup, "create the schema and the accounts"),
@@ -112,6 +129,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "consumer": (cmd_consumer, "run the CDC consumer"),
     "drain": (cmd_drain, "wait until the consumer has caught up"),
     "verify": (cmd_verify, "check projections and cache against the event store"),
+    "preflight": (cmd_preflight, "check the server can take this profile"),
 }
 
 
@@ -139,6 +157,15 @@ def parser() -> argparse.ArgumentParser:
                 "--report",
                 default="reports/verification.json",
                 help="where to write the JSON report",
+            )
+        if name == "preflight":
+            sub.add_argument(
+                "--workers", type=int, default=1, help="Locust worker processes"
+            )
+            sub.add_argument(
+                "--allow-overcommit",
+                action="store_true",
+                help="report a profile that does not fit, but do not refuse it",
             )
         if name == "drain":
             sub.add_argument(

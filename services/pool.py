@@ -65,6 +65,8 @@ class PoolStats:
     acquire_wait_max_ms: float
     checks: int
     timeouts: int
+    #: Attempts to open a connection that failed (such as "too many clients").
+    connection_errors: int
 
 
 class Pool:
@@ -262,6 +264,7 @@ class Pool:
             acquire_wait_max_ms=1000 * self._wait_max_s,
             checks=self._checks,
             timeouts=self._timeouts,
+            connection_errors=raw.get("connections_errors", 0),
         )
 
 

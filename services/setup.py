@@ -13,12 +13,12 @@ from services import cache, logs, schema
 from services.config import Profile, mask_url
 from services.errors import ServiceUnavailable
 from services.eventstore import create_accounts, existing_accounts
-from services.pool import application_name
+from services.pool import Conn, application_name
 
 logger = logs.get("setup")
 
 
-def connect(url: str, role: str) -> psycopg.Connection[tuple[object, ...]]:
+def connect(url: str, role: str) -> Conn:
     """Open one autocommit connection named after `role`.
 
     Raise `ServiceUnavailable` with the masked URL if the server does not answer.
