@@ -43,6 +43,7 @@ class Counters:
     """Per-process numbers the summary prints; sent to the master by workers."""
 
     trips: int = 0
+    breaker_open: bool = False
     breaker_paused_s: float = 0.0
     utilization_pauses: int = 0
     utilization_paused_s: float = 0.0
@@ -200,6 +201,7 @@ class Harness:
         """Gather the counters of the gates and pools into `counters`."""
         c = self.counters
         c.trips = self.breaker.trips
+        c.breaker_open = self.breaker.is_open()
         c.breaker_paused_s = self.breaker.paused_s
         c.utilization_pauses = self.pause.pauses
         c.utilization_paused_s = self.pause.paused_s

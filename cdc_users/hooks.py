@@ -23,7 +23,7 @@ from locust import stats as locust_stats
 from locust.env import Environment
 from locust.runners import LocalRunner, MasterRunner, Runner, WorkerRunner
 
-from cdc_users import summary
+from cdc_users import summary, webui
 from cdc_users.cdcfeed import CdcFeed
 from cdc_users.harness import Harness
 from services import budget, consumer, endtoend, logs, preflight, setup
@@ -62,6 +62,9 @@ class _State:
     peak_connections: int = 0
     peak_pool_connections: int = 0
     sampler: Any = None
+    #: What the UI keeps showing once the test's feed has stopped.
+    last_status: dict[str, str] = dataclasses.field(default_factory=dict)
+    last_history: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
 
 STATE = _State()
@@ -188,6 +191,7 @@ def _on_init(environment: Environment, **_kwargs: Any) -> None:
         runner.register_message("cdc_done", _on_worker_done)
         events.worker_report.add_listener(_on_worker_report)
 
+    webui.install(environment, _ui_state)
     events.request.add_listener(_on_request)
     events.test_start.add_listener(_on_test_start)
     events.test_stop.add_listener(_on_test_stop)
@@ -400,6 +404,17 @@ def _sample_connections(profile: Profile) -> None:
         logger.warning("stopped sampling connections: %s", exc)
 
 
+def _ui_state() -> dict[str, Any]:
+    feed = STATE.feed
+    return {
+        "status": feed.status if feed else STATE.last_status,
+        "history": feed.history if feed else STATE.last_history,
+        "processes": summary.process_counters(STATE.harness),
+        "peak_connections": STATE.peak_connections,
+        "end": STATE.end,
+    }
+
+
 def _stop(environment: Environment) -> None:
     runner = environment.runner
     if runner is None:
@@ -463,6 +478,7 @@ def _end_of_test(environment: Environment) -> None:
     STATE.end = endtoend.drain_and_verify(profile)
     if not feed.catch_up():
         logger.warning("the lag stream was not read to its end")
+    STATE.last_status, STATE.last_history = feed.status, feed.history
     feed.stop()
     STATE.feed = None
 

@@ -12,9 +12,10 @@ version 3) becomes an `Unknown` record, logged once per type, so a newer server
 degrades into skipped messages rather than a crash. Bytes that do not parse raise
 `DecodeError`.
 
-Times: every commit time is given twice, as an aware UTC `datetime` and as an
-integer count of microseconds since the Unix epoch (`*_time_us`), which is exact
-and cheap to subtract. The wire carries microseconds since 2000-01-01.
+Times: a commit time is stored as `commit_time_us`, microseconds since the Unix
+epoch (exact, and cheap to subtract), and offered as `commit_ts`, an aware UTC
+`datetime` built on access. The wire carries microseconds since 2000-01-01;
+`PG_EPOCH_UNIX_US` is the difference.
 
 LSNs are plain ints; `format_lsn` and `parse_lsn` convert to and from the `X/Y`
 text form the server uses.
@@ -35,6 +36,7 @@ from services.errors import CdcLoadError
 
 __all__ = [
     "EVENT_COLUMNS",
+    "PG_EPOCH_UNIX_US",
     "UNCHANGED_TOAST",
     "Begin",
     "Column",

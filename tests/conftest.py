@@ -143,3 +143,15 @@ def cdc_load_connections(url: str, dbname: str | None = None) -> list[tuple[Any,
             query += " AND datname = %s"
             params = (dbname,)
         return list(c.execute(query, params).fetchall())
+
+
+@pytest.fixture
+def stack(
+    tmp_path: Path, conn: Conn, db_url: str, redis_client: Any, redis_url: str
+) -> Iterator[Any]:
+    """A pipeline of its own: slot, publication, consumer and Locust processes."""
+    from tests.pipeline import Stack
+
+    s = Stack(tmp_path, db_url, redis_url)
+    yield s
+    s.close()

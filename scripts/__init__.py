@@ -1,0 +1,1 @@
+"""Command-line tools that drive the harness from outside: `python -m scripts.X`."""
