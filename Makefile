@@ -8,11 +8,13 @@ BIN := $(VENV)/bin
 SERVICES := scripts/services.sh
 REPORTS := reports
 
-.PHONY: help install test lint load-optimized load-baseline bench up down check-config
+.PHONY: help install test lint load-optimized load-baseline compare bench up down \
+	check-config
 
 help:
 	@echo "make load-optimized   headless run of configs/optimized.yaml"
-	@echo "make load-baseline    headless run of configs/baseline.yaml"
+	@echo "make load-baseline    headless run of configs/baseline.yaml (overcommitted)"
+	@echo "make compare          baseline then optimized, side by side, with a plot"
 	@echo "make test             the test suite against real PostgreSQL and Redis"
 	@echo "make lint             ruff and mypy"
 	@echo "make bench            the harness against pgbench (several minutes)"
@@ -37,8 +39,13 @@ lint: install
 load-optimized: install
 	$(SERVICES) run scripts/load.sh configs/optimized.yaml
 
+# The baseline cannot fit the server: that is what it is for, so it runs with
+# overcommit allowed, to reproduce the exhaustion.
 load-baseline: install
-	$(SERVICES) run scripts/load.sh configs/baseline.yaml
+	$(SERVICES) run scripts/load.sh configs/baseline.yaml --cdc-allow-overcommit
+
+compare: install
+	$(SERVICES) run $(BIN)/python -m scripts.compare
 
 bench: install
 	$(SERVICES) run $(BIN)/python -m scripts.bench $(BENCH_ARGS)

@@ -30,6 +30,7 @@ from services.eventstore import (
 from services.gates import CircuitBreaker, InFlightLimiter, OpBudget, UtilizationPause
 from services.groupcommit import GroupCommitter
 from services.pool import Pool, PoolStats
+from services.procstats import peak_rss_kib
 
 logger = logs.get("harness")
 
@@ -57,6 +58,7 @@ class Counters:
     cache_errors: int = 0
     projection_misses: int = 0
     connection_errors: int = 0
+    peak_rss_kib: int = 0
     final_pools: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -213,6 +215,7 @@ class Harness:
         c.pool_timeouts = sum(s.timeouts for s in self.pool_stats())
         c.conflicts_retried = self.store.conflicts_retried
         c.connection_errors = sum(s.connection_errors for s in self.pool_stats())
+        c.peak_rss_kib = peak_rss_kib()
         return c
 
     def close(self) -> None:

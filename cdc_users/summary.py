@@ -12,6 +12,7 @@ from locust.stats import StatsEntry, StatsError
 from cdc_users.harness import Counters, Harness
 from services import thresholds
 from services.config import Profile
+from services.procstats import peak_rss_kib
 
 #: Request types of account operations (PostgreSQL and the cache) and of CDC.
 OPERATION_TYPES = ("PG", "REDIS")
@@ -128,6 +129,10 @@ def build(
         "utilization_pauses": totals.utilization_pauses,
         "utilization_paused_s": totals.utilization_paused_s,
         "peak_pool_utilization": round(totals.peak_utilization, 3),
+        "peak_rss_kib": {
+            "locust": peak_rss_kib(),
+            **{f"worker {n}": c["peak_rss_kib"] for n, c in per_process.items()},
+        },
         "peak_connections": peak_connections[0],
         "peak_pool_connections": peak_connections[1],
         "connection_errors": totals.connection_errors,

@@ -57,7 +57,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 LOCUST = str(BIN / "locust")
 CDC_LOAD = str(BIN / "cdc-load")
-PROFILE = "configs/optimized.yaml"
+LOCUSTFILE = str(ROOT / "locustfile.py")
+PROFILE = str(ROOT / "configs" / "optimized.yaml")
 SCRIPT = ROOT / "scripts" / "bench_transfer.sql"
 REPORT_PATH = ROOT / "reports" / "bench.json"
 
@@ -329,10 +330,13 @@ class Children:
     """Every child the bench started, so that none outlives it.
 
     Each runs in a session of its own: Ctrl-C reaches only the bench, which then
-    stops them in order, rather than every process at once mid-write.
+    stops them in order, rather than every process at once mid-write. They run in
+    `cwd`, where a verified run writes its reports/verification.json: the
+    checkout's reports belong to the load runs, not to the bench.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, cwd: Path) -> None:
+        self.cwd = cwd
         self._live: dict[int, subprocess.Popen[bytes]] = {}
         self._names: dict[int, str] = {}
 
@@ -343,7 +347,7 @@ class Children:
         with log.open("ab") as out:
             proc = subprocess.Popen(
                 list(argv),
-                cwd=ROOT,
+                cwd=self.cwd,
                 env=dict(env),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -479,7 +483,7 @@ class Bench:
         self.url = with_path(server_url, DATABASE)
         self.redis_url = with_path(redis_url, str(REDIS_DB))
         self.logdir = logdir
-        self.children = Children()
+        self.children = Children(logdir)
         self._runs = 0
         inherited = {
             k: v for k, v in os.environ.items() if not k.startswith(("CDC_", "LOCUST_"))
@@ -499,7 +503,7 @@ class Bench:
             "CDC_WORKLOAD__WEIGHTS__OPEN_ACCOUNT": "0",
             "CDC_WORKLOAD__WEIGHTS__TRANSFER": "1",
         }
-        profile = load_profile(ROOT / PROFILE, environ=self.env)
+        profile = load_profile(PROFILE, environ=self.env)
         self.max_amount = profile.workload.max_amount
         self.conflict_attempts = profile.event_store.conflict_attempts
 
@@ -531,16 +535,22 @@ class Bench:
         self._runs += 1
         return self.logdir / f"{self._runs:03d}-{name}.log"
 
-    def reset(self) -> None:
-        """Empty the event store, drop the slot and open the accounts again."""
-        argv = [CDC_LOAD, "setup", "--reset", "--profile", PROFILE]
-        log = self._log("setup")
+    def reset(self, *, accounts: bool = True) -> None:
+        """Empty the event store and drop the slot; open the accounts again.
+
+        Without `accounts`, the run opens them itself, after its consumer has made
+        its slot: the consumer must see every account opened, or the first
+        transfer on one is an event out of order for its projection.
+        """
+        command = ["setup", "--reset"] if accounts else ["reset"]
+        argv = [CDC_LOAD, *command, "--profile", PROFILE]
+        log = self._log(command[0])
         code, out = self.children.run(
             argv, env=self.env, log=log, timeout_s=SETUP_TIMEOUT_S
         )
         if code != 0:
             tail = " | ".join(out.strip().splitlines()[-2:])
-            raise BenchError(f"setup --reset exited {code}: {tail}")
+            raise BenchError(f"cdc-load {' '.join(command)} exited {code}: {tail}")
 
     def pgbench(self, *, clients: int, seconds: int) -> PgbenchRun:
         """Run the transfer script with `clients` for `seconds`, after a reset."""
@@ -585,15 +595,17 @@ class Bench:
         return a function that is called at every poll while Locust runs. Raise
         `BenchError` if Locust exits without a summary or overruns its time.
         """
-        self.reset()
+        self.reset(accounts=not verify)
         run_env = {**self.env, "CDC_WORKLOAD__USERS": str(users), **(env or {})}
         if target_ops is not None:
             run_env["CDC_WORKLOAD__TARGET_OPS"] = str(target_ops)
-        summary_path = self.logdir / f"{self._runs + 1:03d}-{name}-summary.json"
+        consumer = self.start_consumer(run_env) if verify else None
+        log = self._log(name)
+        summary_path = log.with_name(f"{log.stem}-summary.json")
         argv = [
             LOCUST,
             "-f",
-            "locustfile.py",
+            LOCUSTFILE,
             "--headless",
             "--only-summary",
             "--cdc-profile",
@@ -608,9 +620,8 @@ class Bench:
             str(summary_path),
             *([] if verify else ["--cdc-skip-verify"]),
         ]
-        consumer = self.start_consumer(run_env) if verify else None
+        consumer_code = 0
         try:
-            log = self._log(name)
             proc = self.children.start(argv, env=run_env, log=log)
             tick = (
                 on_start(proc.pid, consumer.pid if consumer else 0)
@@ -623,8 +634,9 @@ class Bench:
         finally:
             if consumer is not None:
                 consumer_code = self.children.stop(consumer)
-                if consumer_code != 0:
-                    logger.warning("the consumer exited %s", consumer_code)
+        if consumer_code != 0:
+            # Its lag and the run's verification would describe a dead consumer.
+            raise BenchError(f"the consumer exited {consumer_code}; see its log")
         if not summary_path.exists():
             raise BenchError(f"locust exited {code} without a summary; see {log}")
         summary = json.loads(summary_path.read_text())

@@ -12,8 +12,15 @@ name=$(basename "$profile" .yaml)
 bin=.venv/bin
 mkdir -p reports
 
-# Validate first: a bad profile is one line and exit 2, before anything is written.
+overcommit=
+for arg in "$@"; do
+  [ "$arg" = --cdc-allow-overcommit ] && overcommit=--allow-overcommit
+done
+
+# Validate first: a bad profile, or one that cannot fit the server, is refused in
+# one line with exit 2, before anything is written.
 $bin/cdc-load check-config --profile "$profile" >/dev/null || exit 2
+$bin/cdc-load preflight --profile "$profile" $overcommit || exit 2
 $bin/cdc-load reset --profile "$profile" || exit 2
 
 ready=reports/.$name-consumer.ready
@@ -46,7 +53,7 @@ rm -f "$ready"
 
 $bin/locust -f locustfile.py --headless --only-summary \
   --cdc-profile "$profile" \
-  --csv "reports/$name" --html "reports/$name.html" \
+  --csv "reports/$name" --csv-full-history --html "reports/$name.html" \
   --cdc-summary "reports/$name-summary.json" "$@"
 rc=$?
 

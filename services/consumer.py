@@ -29,6 +29,7 @@ from services.config import Profile
 from services.errors import CdcLoadError, ServiceUnavailable
 from services.histogram import Histogram
 from services.pool import Conn, Pool, application_name
+from services.procstats import peak_rss_kib
 from services.projections import Checkpoint, format_lsn
 
 logger = logs.get("cdc")
@@ -321,7 +322,7 @@ class Consumer:
         lag = s.lag.summary()
         logger.info(
             "consumer stopped: %s transactions, %s events, %s skipped, lag p50 %.1f ms"
-            " p99 %.1f ms max %.1f ms, %s late",
+            " p99 %.1f ms max %.1f ms, %s late, peak rss %s KiB",
             s.transactions,
             s.events,
             s.skipped,
@@ -329,6 +330,7 @@ class Consumer:
             lag["p99"],
             lag["max"],
             s.late,
+            peak_rss_kib(),
         )
         if state is not None:
             logger.info(

@@ -164,7 +164,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def load_compose(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The compose file as Compose sees it with `environ` (default: nothing set)."""
     text = COMPOSE_FILE.read_text(encoding="utf-8")
-    raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    raw = yaml.load(text, Loader=_UniqueKeyLoader)
     assert isinstance(raw, dict), "docker-compose.yml must be a mapping"
     resolved_file: dict[str, Any] = _resolve(raw, environ or {})
     return resolved_file
@@ -405,10 +405,10 @@ def test_top_level_and_service_keys_are_known() -> None:
 
 def test_duplicate_keys_are_refused() -> None:
     with pytest.raises(yaml.constructor.ConstructorError):
-        yaml.load("a: 1\nb: 2\na: 3\n", Loader=_UniqueKeyLoader)  # noqa: S506
+        yaml.load("a: 1\nb: 2\na: 3\n", Loader=_UniqueKeyLoader)
     merged = yaml.load(
         "x: &x {a: 1, b: 2}\ny:\n  <<: *x\n  a: 3\n",
-        Loader=_UniqueKeyLoader,  # noqa: S506
+        Loader=_UniqueKeyLoader,
     )
     assert merged["y"] == {"a": 3, "b": 2}
 
