@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import re
 import subprocess
@@ -83,20 +84,25 @@ def collect(name: str, exit_code: int | None) -> Run:
 
 
 def _series(path: Path) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
-    ops: dict[float, float] = {}
+    # Locust's Requests/s column is a rolling average that trails the load; the
+    # change of the running total between samples is the throughput itself.
+    totals: dict[float, float] = {}
     lag: dict[float, float] = {}
     with path.open() as f:
         for row in csv.DictReader(f):
             t = float(row["Timestamp"])
             if row["Type"] in OPERATION_TYPES:
-                ops[t] = ops.get(t, 0.0) + float(row["Requests/s"] or 0)
+                totals[t] = totals.get(t, 0.0) + float(row["Total Request Count"] or 0)
             elif row["Type"] == "CDC" and row["99%"] not in ("", "N/A"):
                 lag[t] = float(row["99%"])
-    start = min([*ops, *lag], default=0.0)
-    return (
-        [(t - start, v) for t, v in sorted(ops.items())],
-        [(t - start, v) for t, v in sorted(lag.items())],
-    )
+    start = min([*totals, *lag], default=0.0)
+    times = sorted(totals)
+    rates = [
+        (t - start, (totals[t] - totals[p]) / (t - p))
+        for p, t in itertools.pairwise(times)
+        if t > p
+    ]
+    return rates, [(t - start, v) for t, v in sorted(lag.items())]
 
 
 def _mib(kib: int | None) -> str:
