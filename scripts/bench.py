@@ -941,11 +941,25 @@ class SoakSampler:
 
     def _sample(self, t_s: float) -> SoakSample:
         conn = self._conn
-        rows = conn.execute(
-            "SELECT txid::text, max(position) FROM events WHERE position > %s"
-            " GROUP BY txid",
-            (self._floor,),
-        ).fetchall()
+        # One snapshot for the three reads: the consumer's count read a moment
+        # after the events would run ahead of them by the commits in between.
+        with conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            rows = conn.execute(
+                "SELECT txid::text, max(position) FROM events WHERE position > %s"
+                " GROUP BY txid",
+                (self._floor,),
+            ).fetchall()
+            applied = conn.execute(
+                "SELECT applied_transactions FROM cdc_checkpoint WHERE slot_name = %s",
+                (SLOT,),
+            ).fetchone()
+            backlog = conn.execute(
+                "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint"
+                " FROM pg_replication_slots WHERE slot_name = %s",
+                (SLOT,),
+            ).fetchone()
+
         top = self._previous_top
         for txid, position in rows:
             top = max(top, int(position))
@@ -954,21 +968,11 @@ class SoakSampler:
                 self._seen[txid] = int(position)
         self._floor, self._previous_top = self._previous_top, top
         self._seen = {t: p for t, p in self._seen.items() if p > self._floor}
-
-        backlog = conn.execute(
-            "SELECT coalesce((pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, 0)"
-            " FROM pg_replication_slots WHERE slot_name = %s",
-            (SLOT,),
-        ).fetchone()
-        applied = conn.execute(
-            "SELECT applied_transactions FROM cdc_checkpoint WHERE slot_name = %s",
-            (SLOT,),
-        ).fetchone()
         return SoakSample(
             t_s=round(t_s, 2),
             locust_rss_kb=rss_kb(self.locust_pid),
             consumer_rss_kb=rss_kb(self.consumer_pid),
-            backlog_bytes=int(backlog[0]) if backlog else 0,
+            backlog_bytes=int(backlog[0]) if backlog and backlog[0] is not None else 0,
             applied=int(applied[0]) if applied else 0,
             produced=self._produced,
         )

@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from services import logs
 from services.config import CacheSettings
@@ -74,6 +76,9 @@ def client(url: str, *, max_connections: int) -> redis.Redis:
     """Make a Redis client with a bounded pool and short timeouts."""
     pool = redis.BlockingConnectionPool.from_url(
         url,
+        # No retries inside redis-py: its default backs off for seconds on a dead
+        # server, and every caller here has its own answer to a failure.
+        retry=Retry(NoBackoff(), 0),
         max_connections=max_connections,
         timeout=SOCKET_TIMEOUT_S,
         socket_timeout=SOCKET_TIMEOUT_S,
@@ -340,8 +345,8 @@ class CacheWriter:
         try:
             self.stats.evicted += self.cache.write(entries, extra=extra)
         except redis.RedisError as exc:
-            self.stats.failures += 1
             self._put_back(pending, lags, status)
+            self.stats.failures += 1
             if self.stats.redis_up:
                 logger.warning("redis unavailable, cache writes held back: %s", exc)
             self.stats.redis_up = False
