@@ -11,6 +11,7 @@ import json
 import random
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -301,3 +302,42 @@ def test_web_ui_shows_cdc_rows_live(stack: Stack) -> None:
     assert "another command is already in progress" not in err
     assert stack.stop_consumer(stack.consumers[-1]) == 0
     assert cdc_load_connections(stack.db_url, dbname(stack.db_url)) == []
+
+
+@pytest.mark.slow
+def test_passwords_never_reach_logs_or_reports(
+    tmp_path: Path, conn: psycopg.Connection[Any], db_url: str, redis_url: str
+) -> None:
+    # The test server trusts every login, so a password in the URL is accepted
+    # and ignored: enough to see where the harness would print it.
+    secret = "hunter2-not-for-logs"
+    with_password = db_url.replace("postgres@", f"postgres:{secret}@", 1)
+    assert secret in with_password
+    stack = Stack(tmp_path, with_password, redis_url)
+    try:
+        stack.start_consumer()
+        done = stack.locust(**{"CDC_WORKLOAD__TARGET_OPS": "200"})
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        assert stack.stop_consumer(stack.consumers[-1]) == 0
+        check = subprocess.run(
+            [str(Path(sys.executable).parent / "cdc-load"), "check-config"],
+            cwd=ROOT,
+            env=stack.env(),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        texts = {
+            "locust stdout": done.stdout,
+            "locust stderr": done.stderr,
+            "consumer log": stack.log(),
+            "check-config": check.stdout + check.stderr,
+        }
+        for path in tmp_path.iterdir():
+            if path.is_file():
+                texts[path.name] = path.read_text(errors="replace")
+        leaked = [name for name, text in texts.items() if secret in text]
+        assert leaked == []
+        assert "postgres:***@" in check.stdout
+    finally:
+        stack.close()

@@ -6,13 +6,16 @@ from its share of the profile's budget, and `target_ops` is split between them.
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
-from tests.conftest import cdc_load_connections
+from tests.conftest import ROOT, cdc_load_connections
+from tests.pipeline import free_port
 from tests.test_locust_run import dbname, run_locust
 
 #: A pool far smaller than the demand, so the budget is what limits connections.
@@ -91,3 +94,44 @@ def test_overcommit_runs_anyway_and_reports_connections(
     assert report is not None and report["operations"] == 300
     # The baseline's pool keeps 100 connections open whatever the load needs.
     assert report["peak_pool_connections"] >= 100
+
+
+@pytest.mark.slow
+def test_overcommit_survives_too_many_clients_and_counts_them(
+    tmp_path: Path, redis_url: str
+) -> None:
+    # A server of its own with room for 20 connections: the baseline's pool of 100
+    # runs into "too many clients" for real.
+    port = free_port()
+    env = {
+        **os.environ,
+        "CDC_PG_PORT": str(port),
+        "CDC_PG_MAX_CONNECTIONS": "20",
+        "CDC_STATE_DIR": f"/tmp/cdc-load-test-{os.getpid()}",
+    }
+    env.pop("DATABASE_URL", None)
+    subprocess.run([str(ROOT / "scripts/services.sh"), "up"], env=env, check=True)
+    try:
+        url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        done, report = run_locust(
+            tmp_path,
+            url,
+            redis_url,
+            {
+                "CDC_WORKLOAD__TARGET_OPS": "300",
+                "CDC_WORKLOAD__ACCOUNT_COUNT": "50",
+                "CDC_THRESHOLDS__MAX_FAILURE_RATIO": "1",
+            },
+            "--cdc-allow-overcommit",
+            "-u",
+            "5",
+            profile="configs/baseline.yaml",
+        )
+        log = done.stdout + done.stderr
+        assert done.returncode == 0, log[-3000:]
+        assert report is not None and report["operations"] == 300
+        assert report["connection_errors"] > 0
+        assert "too many clients" in log or "remaining connection slots" in log
+        assert report["peak_pool_connections"] < 20
+    finally:
+        subprocess.run([str(ROOT / "scripts/services.sh"), "down"], env=env, check=True)
