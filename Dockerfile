@@ -13,7 +13,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 COPY pyproject.toml /src/
 COPY services /src/services
 COPY cdc_users /src/cdc_users
-RUN pip install '/src[dev]' && rm -rf /src
+RUN pip install /src && rm -rf /src
 
 # Locust takes the locustfile and the profiles by relative path, from here.
 WORKDIR /app

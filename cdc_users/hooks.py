@@ -380,12 +380,14 @@ def _preflight(environment: Environment, profile: Profile, *, workers: int) -> N
 
 #: Seconds between samples of pg_stat_activity for the peak connection count.
 SAMPLE_INTERVAL_S = 0.25
-#: Every connection of ours, and those of the Locust processes' pools alone.
+#: Every connection of ours to this database, and those of the Locust processes'
+#: pools alone.
 SQL_CONNECTIONS = """
 SELECT count(*),
        count(*) FILTER (WHERE application_name LIKE 'cdc-load-users-%%'
                            OR application_name LIKE 'cdc-load-writers-%%')
-FROM pg_stat_activity WHERE application_name LIKE 'cdc-load%%'
+FROM pg_stat_activity
+WHERE application_name LIKE 'cdc-load%%' AND datname = current_database()
 """
 
 

@@ -46,9 +46,10 @@ from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+from psycopg import sql
 
 from services import logs
-from services.config import load_profile
+from services.config import load_profile, mask_url
 from services.errors import CdcLoadError
 
 logger = logs.get("bench")
@@ -72,8 +73,6 @@ PUBLICATION = "cdc_load_bench_pub"
 ACCOUNTS = 1000
 #: Budget of a run limited by time (`-t`), in operations: never reached.
 UNLIMITED_OPS = 1_000_000_000
-#: Users started per second: every user is running within the first second.
-SPAWN_RATE = 1000
 #: Share of a path's best throughput at which its CDC lag is measured.
 LAG_RATE_SHARE = 0.9
 
@@ -120,18 +119,27 @@ class BenchError(CdcLoadError):
 class Plan:
     """How many rounds of what length each step runs."""
 
+    #: Users (and pgbench clients) of the throughput step.
     concurrencies: tuple[int, ...]
+    #: Rounds of each side at each concurrency.
     rounds: int
+    #: Length of a throughput, batched or test-before-acquire round, seconds.
     round_s: int
+    #: Users of the batched path above the best direct concurrency.
     batched_users: tuple[int, ...]
     batched_rounds: int
     acquire_rounds: int
+    #: Length of each CDC lag run, seconds.
     lag_s: int
+    #: Length of the soak, seconds; 0 skips it.
     soak_s: int
 
 
-def plan_for(quick: bool, soak_minutes: float, skip_soak: bool) -> Plan:
+def plan_for(*, quick: bool, soak_minutes: float, skip_soak: bool) -> Plan:
     """Return the full plan (about 15 to 20 minutes) or the quick one."""
+    # TODO(not timed on a quiet machine): the full plan's length is estimated from
+    # the quick plan's per-round overhead (about 5 s of start, reset and stop per
+    # Locust run) at about 20 minutes with the 10-minute soak.
     soak_s = 0 if skip_soak else round(soak_minutes * 60)
     if quick:
         return Plan((10,), 2, 5, (20, 50), 1, 1, 15, soak_s)
@@ -209,7 +217,9 @@ class PgbenchRun:
     transactions: int
     failed: int
     retried: int
-    latency_ms: float
+    latency_ms: float | None
+    #: User + system CPU of the pgbench process, seconds; 0 when not measured.
+    cpu_s: float = 0.0
 
 
 _PGBENCH_FIELDS = {
@@ -241,7 +251,7 @@ def parse_pgbench(text: str, *, clients: int) -> PgbenchRun:
         transactions=int(found["transactions"]),
         failed=int(found.get("failed", 0)),
         retried=int(found.get("retried", 0)),
-        latency_ms=float(found.get("latency_ms", "nan")),
+        latency_ms=float(found["latency_ms"]) if "latency_ms" in found else None,
     )
 
 
@@ -339,6 +349,7 @@ class Children:
         self.cwd = cwd
         self._live: dict[int, subprocess.Popen[bytes]] = {}
         self._names: dict[int, str] = {}
+        self._logs: dict[int, Path] = {}
 
     def start(
         self, argv: Sequence[str], *, env: Mapping[str, str], log: Path
@@ -356,6 +367,7 @@ class Children:
             )
         self._live[proc.pid] = proc
         self._names[proc.pid] = Path(argv[0]).name
+        self._logs[proc.pid] = log
         logger.debug("started %s as pid %s", self._names[proc.pid], proc.pid)
         return proc
 
@@ -393,14 +405,14 @@ class Children:
         env: Mapping[str, str],
         log: Path,
         timeout_s: float,
-    ) -> tuple[int, str]:
-        """Run `argv` to its end; return its exit code and its output."""
+    ) -> tuple[int, str, float]:
+        """Run `argv` to its end; return its exit code, output and CPU seconds."""
         start = log.stat().st_size if log.exists() else 0
         proc = self.start(argv, env=env, log=log)
-        code, _cpu = self.wait(proc, timeout_s=timeout_s)
+        code, cpu_s = self.wait(proc, timeout_s=timeout_s)
         with log.open("rb") as f:
             f.seek(start)
-            return code, f.read().decode(errors="replace")
+            return code, f.read().decode(errors="replace"), cpu_s
 
     def stop(self, proc: subprocess.Popen[bytes]) -> int:
         """SIGTERM the child's session, SIGKILL it if it lingers; return its code."""
@@ -420,6 +432,10 @@ class Children:
         reaped = self._reap(proc, block=True)
         assert reaped is not None
         return reaped[0]
+
+    def log_of(self, proc: subprocess.Popen[bytes]) -> Path:
+        """Return the file that holds the child's output."""
+        return self._logs[proc.pid]
 
     def exited(self, proc: subprocess.Popen[bytes]) -> int | None:
         """Return the child's exit code if it has exited, else None."""
@@ -470,6 +486,11 @@ def rss_kb(pid: int) -> int:
 # The bench.
 
 
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
+
+
 def with_path(url: str, path: str) -> str:
     """Return `url` with its path (database name or Redis db) replaced."""
     return urlunsplit(urlsplit(url)._replace(path="/" + path))
@@ -506,17 +527,30 @@ class Bench:
         profile = load_profile(PROFILE, environ=self.env)
         self.max_amount = profile.workload.max_amount
         self.conflict_attempts = profile.event_store.conflict_attempts
+        self.permits = profile.in_flight.permits
 
     def create_database(self) -> str:
-        """Create the bench's database if missing; return the server's version."""
-        with psycopg.connect(self.server_url, autocommit=True, connect_timeout=10) as c:
-            row = c.execute(
-                "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)
-            ).fetchone()
-            if row is None:
-                c.execute(f"CREATE DATABASE {DATABASE}")
-                logger.info("created database %s", DATABASE)
-            version = c.execute("SHOW server_version").fetchone()
+        """Create the bench's database if missing; return the server's version.
+
+        Raise `BenchError` if the server does not answer.
+        """
+        try:
+            with psycopg.connect(
+                self.server_url, autocommit=True, connect_timeout=10
+            ) as c:
+                row = c.execute(
+                    "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)
+                ).fetchone()
+                if row is None:
+                    c.execute(
+                        sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE))
+                    )
+                    logger.info("created database %s", DATABASE)
+                version = c.execute("SHOW server_version").fetchone()
+        except psycopg.Error as exc:
+            raise BenchError(
+                f"cannot use the server at {mask_url(self.server_url)}: {_line(exc)}"
+            ) from exc
         return str(version[0]) if version else "unknown"
 
     def drop_slot(self) -> None:
@@ -545,7 +579,7 @@ class Bench:
         command = ["setup", "--reset"] if accounts else ["reset"]
         argv = [CDC_LOAD, *command, "--profile", PROFILE]
         log = self._log(command[0])
-        code, out = self.children.run(
+        code, out, _cpu_s = self.children.run(
             argv, env=self.env, log=log, timeout_s=SETUP_TIMEOUT_S
         )
         if code != 0:
@@ -570,12 +604,12 @@ class Bench:
             self.url,
         ]
         log = self._log(f"pgbench-{clients}")
-        code, out = self.children.run(
+        code, out, cpu_s = self.children.run(
             argv, env=self.env, log=log, timeout_s=seconds + RUN_GRACE_S
         )
         if code != 0:
             raise BenchError(f"pgbench exited {code}; see {log}")
-        return parse_pgbench(out, clients=clients)
+        return dataclasses.replace(parse_pgbench(out, clients=clients), cpu_s=cpu_s)
 
     def harness(
         self,
@@ -612,8 +646,6 @@ class Bench:
             PROFILE,
             "-u",
             str(users),
-            "-r",
-            str(SPAWN_RATE),
             "-t",
             f"{seconds}s",
             "--cdc-summary",
@@ -621,6 +653,7 @@ class Bench:
             *([] if verify else ["--cdc-skip-verify"]),
         ]
         consumer_code = 0
+        proc: subprocess.Popen[bytes] | None = None
         try:
             proc = self.children.start(argv, env=run_env, log=log)
             tick = (
@@ -632,11 +665,18 @@ class Bench:
                 proc, timeout_s=seconds + RUN_GRACE_S, tick=tick
             )
         finally:
+            # Locust first, on an interrupt too: a consumer stopped under a running
+            # load would only make its drain wait out its timeout.
+            if proc is not None:
+                self.children.stop(proc)
             if consumer is not None:
                 consumer_code = self.children.stop(consumer)
-        if consumer_code != 0:
+        if consumer is not None and consumer_code != 0:
             # Its lag and the run's verification would describe a dead consumer.
-            raise BenchError(f"the consumer exited {consumer_code}; see its log")
+            raise BenchError(
+                f"the consumer exited {consumer_code};"
+                f" see {self.children.log_of(consumer)}"
+            )
         if not summary_path.exists():
             raise BenchError(f"locust exited {code} without a summary; see {log}")
         summary = json.loads(summary_path.read_text())
@@ -750,6 +790,8 @@ def step_batched(
     top_within = best_of(within) if within else None
     return {
         "levels": levels,
+        # Users beyond the permits wait for one, inside their operation's latency.
+        "in_flight_permits": bench.permits,
         "best": {"users": top.users, "ops_per_s": top.ops_per_s, "p99_ms": top.p99_ms},
         "ratio_to_pgbench": round(top.ops_per_s / pgbench_tps, 3)
         if pgbench_tps
@@ -815,14 +857,21 @@ def step_acquire_check(bench: Bench, plan: Plan, users: int) -> dict[str, Any]:
 
 
 def step_cpu(
-    bench: Bench, direct: Sequence[HarnessRun], batched: Sequence[HarnessRun]
+    bench: Bench,
+    direct: Sequence[HarnessRun],
+    batched: Sequence[HarnessRun],
+    pgbench: Sequence[PgbenchRun],
 ) -> dict[str, Any]:
     """CPU per operation of the Locust process, whole and net of its fixed cost.
 
     The fixed cost (interpreter start, imports, pools, teardown) is measured by a
     run of one operation per path and subtracted to give the per-operation cost
-    under load.
+    under load. pgbench's own CPU per transaction is given beside it: the client
+    shares the machine's cores with the server.
     """
+    # TODO(one sample of the fixed cost): it varies with the machine's load by a
+    # few tenths of a second, which moves the net figure of a short (quick) round
+    # by tens of percent; rounds of 15 s keep that under about 10%.
     result: dict[str, Any] = {}
     for path, runs, env in (("direct", direct, {}), ("batched", batched, BATCHED)):
         fixed = bench.harness(
@@ -850,6 +899,9 @@ def step_cpu(
             result[path]["us_per_op_net"],
             fixed.cpu_s,
         )
+    per_tx = [p.cpu_s / p.transactions * 1e6 for p in pgbench if p.transactions]
+    result["pgbench"] = {"us_per_tx": round(min(per_tx), 1) if per_tx else None}
+    logger.info("cpu of pgbench: %s us/transaction", result["pgbench"]["us_per_tx"])
     return result
 
 
@@ -901,14 +953,22 @@ class SoakSampler:
         self.locust_pid = locust_pid
         self.consumer_pid = consumer_pid
         self.samples: list[SoakSample] = []
-        self._conn = psycopg.connect(
-            url,
-            autocommit=True,
-            connect_timeout=10,
-            options=f"-c statement_timeout={SAMPLE_QUERY_TIMEOUT_MS}",
-        )
-        row = self._conn.execute("SELECT coalesce(max(position), 0) FROM events")
-        top = row.fetchone()
+        try:
+            self._conn = psycopg.connect(
+                url,
+                autocommit=True,
+                connect_timeout=10,
+                options=f"-c statement_timeout={SAMPLE_QUERY_TIMEOUT_MS}",
+            )
+        except psycopg.Error as exc:
+            raise BenchError(f"the soak sampler cannot connect: {_line(exc)}") from exc
+        try:
+            top = self._conn.execute(
+                "SELECT coalesce(max(position), 0) FROM events"
+            ).fetchone()
+        except psycopg.Error as exc:
+            self._conn.close()
+            raise BenchError(f"the soak sampler cannot read: {_line(exc)}") from exc
         self._floor = int(top[0]) if top else 0
         self._previous_top = self._floor
         self._seen: dict[str, int] = {}
@@ -1077,6 +1137,14 @@ def targets(report: Mapping[str, Any]) -> list[Target]:
                     None,
                 )
             )
+        rows.append(
+            Target(
+                "pgbench cpu per transaction, us",
+                "-",
+                _num(cpu["pgbench"]["us_per_tx"]),
+                None,
+            )
+        )
     lag = report.get("lag")
     if lag:
         for path in ("direct", "batched"):
@@ -1135,7 +1203,9 @@ def render(report: Mapping[str, Any]) -> list[str]:
         "",
         f"cdc-load bench, {report['date']}, {m['nproc']} cpus,"
         f" {m['memory_gib']:.1f} GiB, PostgreSQL {m['postgresql']},"
-        f" {report['mode']} plan",
+        f" {report['mode']} plan, load average {m['load_average'][0]:.1f} at the"
+        f" start, {report.get('load_average_end', 0.0):.1f} at the end,"
+        f" {report['elapsed_s'] / 60:.1f} min",
     ]
     tp = report.get("throughput")
     if tp:
@@ -1157,7 +1227,9 @@ def render(report: Mapping[str, Any]) -> list[str]:
         )
     b = report.get("batched")
     if b:
-        lines.append("batched path (group commit)")
+        lines.append(
+            f"batched path (group commit), {b['in_flight_permits']} in-flight permits"
+        )
         lines.append("  users  ops/s  p50 ms  p99 ms")
         for r in b["runs"]:
             lines.append(
@@ -1258,7 +1330,10 @@ def run(bench: Bench, plan: Plan, report: dict[str, Any]) -> None:
     batched_runs = [
         HarnessRun(**r) for r in batched["runs"] if r["users"] == batched_best_users
     ]
-    report["cpu"] = step_cpu(bench, direct_runs, batched_runs)
+    pgbench_runs = [
+        PgbenchRun(**r) for r in tp["pgbench_runs"] if r["clients"] == best_users
+    ]
+    report["cpu"] = step_cpu(bench, direct_runs, batched_runs, pgbench_runs)
     report["lag"] = step_lag(bench, plan, best_of(direct_runs), best_of(batched_runs))
     if plan.soak_s > 0:
         report["soak"] = step_soak(bench, plan, best_users)
@@ -1287,13 +1362,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.soak_minutes <= 0 and not args.skip_soak:
         parser.error("--soak-minutes must be more than 0; use --skip-soak for none")
     logs.configure("INFO")
-    plan = plan_for(args.quick, args.soak_minutes, args.skip_soak)
+    plan = plan_for(
+        quick=args.quick, soak_minutes=args.soak_minutes, skip_soak=args.skip_soak
+    )
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
+    # Started in the background by a shell, Python inherits SIGINT ignored; the
+    # bench must still stop its children when one is sent.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     logdir = Path(args.logs) if args.logs else Path(tempfile.mkdtemp(prefix="bench-"))
     logdir.mkdir(parents=True, exist_ok=True)
@@ -1315,7 +1395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "bench on database %s, redis db %s, logs in %s", DATABASE, REDIS_DB, logdir
         )
         run(bench, plan, report)
-    except (CdcLoadError, psycopg.Error) as exc:
+    except CdcLoadError as exc:
         logger.error("bench stopped: %s", exc)
         report["error"] = str(exc)
         code = 1
@@ -1327,6 +1407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench.drop_slot()
     report.setdefault("machine", {})
     report["elapsed_s"] = round(time.monotonic() - started, 1)
+    report["load_average_end"] = round(os.getloadavg()[0], 2)
     report["targets"] = [dataclasses.asdict(t) for t in targets(report)]
     REPORT_PATH.parent.mkdir(parents=True, exist_ok=True)
     REPORT_PATH.write_text(json.dumps(report, indent=2) + "\n")

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from services import cli, verify
+from services import budget, cli, verify
 from services.config import DEFAULT_PROFILE, Profile, load_profile, resolved
 from tests.conftest import ROOT
 
@@ -41,9 +41,8 @@ WEB_PORT = 8089
 MASTER_PORT = 5557
 #: PostgreSQL's superuser_reserved_connections when the server is not told.
 DEFAULT_RESERVED_CONNECTIONS = 3
-#: Connections outside the pools: the consumer's replication stream, and the
-#: master's setup (or drain) and verification connections.
-SINGLE_CONNECTIONS = 3
+#: Worker counts the compose file is said to run with (`--scale worker=4`).
+WORKER_COUNTS = (1, 4)
 #: Service attributes of the Compose specification this file may use. Compose
 #: refuses any other key; with no Compose here, this list stands in for its schema.
 SERVICE_KEYS = frozenset(
@@ -256,6 +255,7 @@ def load_for(name: str, path: str) -> Profile:
 
 
 def pools(profile: Profile) -> int:
+    """Every pool's maximum, the event store's writers included whatever the path."""
     return (
         profile.database.pool.max_size
         + profile.event_store.pool.max_size
@@ -395,9 +395,11 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
 
 
 def test_top_level_and_service_keys_are_known() -> None:
-    assert set(compose()) - {k for k in compose() if k.startswith("x-")} <= (
-        TOP_LEVEL_KEYS
-    ), "unknown top-level key (and `version` is obsolete)"
+    # x- keys are extensions, for anchors; `version` is obsolete and refused here.
+    top = {key for key in compose() if not key.startswith("x-")}
+    assert top <= TOP_LEVEL_KEYS, (
+        f"unknown top-level keys {sorted(top - TOP_LEVEL_KEYS)}"
+    )
     for name, spec in compose()["services"].items():
         unknown = set(spec) - SERVICE_KEYS
         assert not unknown, f"service {name}: unknown keys {sorted(unknown)}"
@@ -444,8 +446,20 @@ def test_max_connections_fits_optimized_and_not_baseline() -> None:
     ) + int(settings.get("reserved_connections", "0"))
     optimized = load_for("master", "configs/optimized.yaml")
     baseline = load_for("master", "configs/baseline.yaml")
+    tools = budget.REPLICATION_CONNECTIONS + budget.TOOL_CONNECTIONS
 
-    needed = pools(optimized) + SINGLE_CONNECTIONS + reserved
+    # The master's preflight does this arithmetic and refuses what does not fit.
+    for workers in WORKER_COUNTS:
+        fits = budget.plan(
+            optimized, workers=workers, max_connections=limit, reserved=reserved
+        )
+        assert fits.fits, fits.describe()
+        refused = budget.plan(
+            baseline, workers=workers, max_connections=limit, reserved=reserved
+        )
+        assert not refused.fits, refused.describe()
+    # With room to spare: even with the batched path's writer pool open too.
+    needed = pools(optimized) + tools + reserved
     assert needed <= limit, f"optimized needs {needed}, max_connections={limit}"
     # The baseline reproduces exhaustion: its pools alone must not fit.
     assert pools(baseline) > limit, f"baseline fits in max_connections={limit}"

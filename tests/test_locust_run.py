@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.conftest import ROOT, cdc_load_connections
+from tests.conftest import ROOT, cdc_load_connections, unique
 
 LOCUST = str(Path(sys.executable).with_name("locust"))
 
@@ -40,6 +40,9 @@ def run_locust(
         "REDIS_URL": redis_url,
         # Speed is for `make bench`; a busy machine must not fail these.
         "CDC_THRESHOLDS__MAX_P99_MS": "30000",
+        # Slot names are global to the server: another database's must not clash.
+        "CDC_CDC__SLOT_NAME": unique("cdc_load_r"),
+        "CDC_CDC__PUBLICATION_NAME": unique("cdc_load_r"),
         **(env or {}),
     }
     done = subprocess.run(
