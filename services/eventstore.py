@@ -47,10 +47,14 @@ _EVENT_OF = {
     "transfer": ("TransferDebited", "TransferCredited"),
 }
 
+# Arrays go as literals with casts (see `array_literal`).
 SQL_HEADS = (
-    "SELECT account_id, version, balance FROM accounts WHERE account_id = ANY(%s)"
+    "SELECT account_id, version, balance FROM accounts"
+    " WHERE account_id = ANY(%s::bigint[])"
 )
-SQL_APPEND = "SELECT cdc_append(%s, %s, %s, %s, %s)"
+SQL_APPEND = (
+    "SELECT cdc_append(%s, %s::bigint[], %s::integer[], %s::bigint[], %s::text[])"
+)
 SQL_BALANCE = "SELECT balance, version FROM accounts WHERE account_id = %s"
 SQL_OPEN = """
 WITH opened AS (
@@ -207,9 +211,19 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def array_literal(values: Iterable[int | str | uuid.UUID]) -> str:
+    """Write values as a PostgreSQL array literal, such as `{3,7}`.
+
+    For numbers, UUIDs and the event type names only, which need no quoting. psycopg's
+    list adaptation inspects every element to choose a type, and on the direct path
+    that cost about a fifth of a transfer's CPU; a string with a cast costs nothing.
+    """
+    return "{" + ",".join(str(v) for v in values) + "}"
+
+
 def read_heads(conn: Conn, ids: Sequence[int]) -> dict[int, Head]:
     """Read the heads of `ids` (missing accounts are simply absent)."""
-    rows = conn.execute(SQL_HEADS, (list(ids),)).fetchall()
+    rows = conn.execute(SQL_HEADS, (array_literal(ids),)).fetchall()
     return {int(r[0]): Head(int(r[1]), int(r[2])) for r in rows}
 
 
@@ -262,10 +276,10 @@ class EventStore:
                     SQL_APPEND,
                     (
                         cmd.transaction_id,
-                        [s.account_id for s in steps],
-                        [s.expected_version for s in steps],
-                        [s.delta for s in steps],
-                        [s.event_type for s in steps],
+                        array_literal(s.account_id for s in steps),
+                        array_literal(s.expected_version for s in steps),
+                        array_literal(s.delta for s in steps),
+                        array_literal(s.event_type for s in steps),
                     ),
                 )
             except pg_errors.SerializationFailure as exc:

@@ -2,17 +2,16 @@
 
 These are plain objects with a clock; `cdc_users.hooks` feeds them Locust's request
 events and asks them before every operation. Waiting is done with `time.sleep` and
-`threading` primitives, which are cooperative once gevent has patched them.
+gevent's own primitives in a gevent process (see `services.green`).
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services import logs
+from services import green, logs
 from services.config import BreakerSettings, InFlightSettings, UtilizationPauseSettings
 from services.errors import BreakerOpen, SemaphoreTimeout
 
@@ -125,7 +124,7 @@ class InFlightLimiter:
 
     def __init__(self, settings: InFlightSettings) -> None:
         self.settings = settings
-        self._sem = threading.BoundedSemaphore(settings.permits)
+        self._sem = green.semaphore(settings.permits)
         self.timeouts = 0
         self.in_flight = 0
         self.peak = 0

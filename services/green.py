@@ -28,11 +28,18 @@ def patch() -> None:
     monkey.patch_all()
 
 
+_PATCHED = False
+
+
 def is_patched() -> bool:
     """Tell whether gevent has patched `select` in this process."""
-    from gevent import monkey
+    global _PATCHED
+    # Patching is for good: once seen, the hot paths need not ask gevent again.
+    if not _PATCHED:
+        from gevent import monkey
 
-    return bool(monkey.is_module_patched("select"))
+        _PATCHED = bool(monkey.is_module_patched("select"))
+    return _PATCHED
 
 
 #: Extra time the client allows past the server's statement timeout, in seconds, so
@@ -53,3 +60,46 @@ def deadline(seconds: float, exc: BaseException) -> Any:
     import gevent
 
     return gevent.Timeout(seconds + CLIENT_MARGIN_S, exc)
+
+
+# The primitives the hot paths wait on. The standard library's, once patched, are
+# built from gevent locks and conditions in pure Python and cost several times
+# gevent's own (a semaphore contended by 50 greenlets spent the CPU switching);
+# so a gevent process gets gevent's, and a plain process the standard library's.
+
+
+def semaphore(value: int) -> Any:
+    """A bounded semaphore: `acquire(timeout=None)` and `release()`."""
+    if is_patched():
+        from gevent.lock import BoundedSemaphore
+
+        return BoundedSemaphore(value)
+    import threading
+
+    return threading.BoundedSemaphore(value)
+
+
+def event() -> Any:
+    """An event: `set()`, `is_set()`, `wait(timeout)` returning whether it is set."""
+    if is_patched():
+        from gevent.event import Event
+
+        return Event()
+    import threading
+
+    return threading.Event()
+
+
+def queue(maxsize: int) -> Any:
+    """A bounded FIFO queue with `put(timeout)`, `get()` and `get_nowait()`.
+
+    Raise the standard library's `queue.Full` and `queue.Empty` in both cases
+    (gevent's queue uses the same exception classes).
+    """
+    if is_patched():
+        from gevent.queue import Queue
+
+        return Queue(maxsize)
+    import queue as std_queue
+
+    return std_queue.Queue(maxsize)

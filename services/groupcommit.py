@@ -19,10 +19,11 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import psycopg
 
-from services import logs
+from services import green, logs
 from services.errors import (
     CdcLoadError,
     OperationFailure,
@@ -37,6 +38,7 @@ from services.eventstore import (
     Step,
     accounts_of,
     advance,
+    array_literal,
     plan,
     translate,
     validate,
@@ -47,7 +49,7 @@ logger = logs.get("groupcommit")
 
 SQL_LOCK = (
     "SELECT account_id, version, balance FROM accounts"
-    " WHERE account_id = ANY(%s) ORDER BY account_id FOR UPDATE"
+    " WHERE account_id = ANY(%s::bigint[]) ORDER BY account_id FOR UPDATE"
 )
 SQL_OPEN = (
     "INSERT INTO accounts (version, balance)"
@@ -69,7 +71,7 @@ WHERE a.account_id = h.account_id
 class _Pending:
     cmd: Command
     deadline: float
-    done: threading.Event = field(default_factory=threading.Event)
+    done: Any = field(default_factory=green.event)
     outcome: Outcome | None = None
     error: OperationFailure | None = None
 
@@ -125,7 +127,7 @@ class GroupCommitter:
         self.batch_size = batch_size
         self.write_deadline_s = write_deadline_s
         self.stats = BatchStats()
-        self._queue: queue.Queue[_Pending | None] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[_Pending | None] = green.queue(queue_size)
         self._writers = [
             threading.Thread(target=self._run, name=f"group-commit-{n}", daemon=True)
             for n in range(writers)
@@ -257,13 +259,16 @@ class GroupCommitter:
 
     def _apply(self, conn: Conn, batch: list[_Pending]) -> None:
         ids = sorted({a for item in batch for a in accounts_of(item.cmd)})
-        rows = conn.execute(SQL_LOCK, (ids,)).fetchall() if ids else []
+        # Arrays as literals, as on the direct path: psycopg's list adaptation
+        # was half the writers' CPU at batches of a thousand.
+        lit = array_literal
+        rows = conn.execute(SQL_LOCK, (lit(ids),)).fetchall() if ids else []
         heads = {int(r[0]): Head(int(r[1]), int(r[2])) for r in rows}
 
         events = _EventRows()
         opens = [item for item in batch if item.cmd.kind == "open"]
         if opens:
-            created = conn.execute(SQL_OPEN, ([i.cmd.amount for i in opens],))
+            created = conn.execute(SQL_OPEN, (lit(i.cmd.amount for i in opens),))
             for item, row in zip(opens, created.fetchall(), strict=True):
                 tx = item.cmd.transaction_id
                 new_id = int(row[0])
@@ -288,15 +293,21 @@ class GroupCommitter:
         if events.ids:
             conn.execute(
                 SQL_EVENTS,
-                (events.ids, events.versions, events.kinds, events.deltas, events.txs),
+                (
+                    lit(events.ids),
+                    lit(events.versions),
+                    lit(events.kinds),
+                    lit(events.deltas),
+                    lit(events.txs),
+                ),
             )
         if touched:
             order = sorted(touched)
             conn.execute(
                 SQL_HEADS,
                 (
-                    order,
-                    [heads[a].version for a in order],
-                    [heads[a].balance for a in order],
+                    lit(order),
+                    lit(heads[a].version for a in order),
+                    lit(heads[a].balance for a in order),
                 ),
             )
