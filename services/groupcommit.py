@@ -38,12 +38,12 @@ from services.eventstore import (
     Step,
     accounts_of,
     advance,
-    array_literal,
     plan,
     translate,
     validate,
 )
 from services.pool import Conn, Pool
+from services.sqlarrays import array_literal
 
 logger = logs.get("groupcommit")
 
@@ -259,9 +259,7 @@ class GroupCommitter:
 
     def _apply(self, conn: Conn, batch: list[_Pending]) -> None:
         ids = sorted({a for item in batch for a in accounts_of(item.cmd)})
-        # Arrays as literals, as on the direct path: psycopg's list adaptation
-        # was half the writers' CPU at batches of a thousand.
-        lit = array_literal
+        lit = array_literal  # see services.sqlarrays
         rows = conn.execute(SQL_LOCK, (lit(ids),)).fetchall() if ids else []
         heads = {int(r[0]): Head(int(r[1]), int(r[2])) for r in rows}
 

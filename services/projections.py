@@ -25,6 +25,7 @@ from typing import Protocol
 from services import logs
 from services.errors import CdcLoadError
 from services.pool import Conn
+from services.sqlarrays import array_literal
 
 logger = logs.get("projections")
 
@@ -178,33 +179,62 @@ def format_lsn(lsn: int) -> str:
     return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
 
 
-SQL_VERSIONS = (
-    "SELECT account_id, version FROM account_projections WHERE account_id = ANY(%s)"
+# One statement, so one round trip and its own transaction: every write is guarded
+# by `go`, which holds only if the slot has a checkpoint and no account's first
+# version in the batch fails to follow its projection. Either guard failing
+# writes nothing at all. The consumer is the projections' only writer, so the
+# statement's snapshot is their current state.
+SQL_APPLY = """
+WITH u AS (
+    SELECT * FROM unnest(
+        %(ids)s::bigint[], %(deltas)s::bigint[], %(lasts)s::integer[],
+        %(firsts)s::integer[]
+    ) AS u(account_id, delta, last_version, first_version)
+),
+bad AS (
+    SELECT u.account_id, u.first_version, coalesce(p.version, 0) AS have
+    FROM u LEFT JOIN account_projections AS p USING (account_id)
+    WHERE coalesce(p.version, 0) <> u.first_version - 1
+),
+go AS (
+    SELECT 1 FROM cdc_checkpoint
+    WHERE slot_name = %(slot)s AND NOT EXISTS (SELECT 1 FROM bad)
+),
+up AS (
+    INSERT INTO account_projections AS p (account_id, balance, version, updated_at)
+    SELECT account_id, delta, last_version, clock_timestamp() FROM u
+    WHERE EXISTS (SELECT 1 FROM go)
+    ON CONFLICT (account_id) DO UPDATE
+        SET balance = p.balance + EXCLUDED.balance,
+            version = EXCLUDED.version,
+            updated_at = EXCLUDED.updated_at
+    RETURNING account_id, balance, version
+),
+app AS (
+    INSERT INTO cdc_applied (slot_name, commit_lsn, xid, events, commit_ts, applied_at)
+    SELECT %(slot)s, l::pg_lsn, x, e, t, clock_timestamp()
+    FROM unnest(
+        %(lsns)s::text[], %(xids)s::bigint[], %(counts)s::integer[],
+        %(times)s::timestamptz[]
+    ) AS a(l, x, e, t)
+    WHERE EXISTS (SELECT 1 FROM go)
+    RETURNING events, extract(epoch FROM applied_at - commit_ts) * 1000 AS lag_ms
+),
+ck AS (
+    UPDATE cdc_checkpoint
+       SET commit_lsn = %(commit)s::pg_lsn, end_lsn = %(end)s::pg_lsn,
+           applied_transactions = applied_transactions + %(n)s,
+           updated_at = clock_timestamp()
+     WHERE slot_name = %(slot)s AND EXISTS (SELECT 1 FROM go)
+    RETURNING slot_name, commit_lsn::text AS commit_lsn, end_lsn::text AS end_lsn,
+              applied_transactions, start_position
 )
-SQL_UPSERT = """
-INSERT INTO account_projections AS p (account_id, balance, version, updated_at)
-SELECT a, d, v, clock_timestamp()
-FROM unnest(%s::bigint[], %s::bigint[], %s::integer[]) AS u(a, d, v)
-ON CONFLICT (account_id) DO UPDATE
-    SET balance = p.balance + EXCLUDED.balance,
-        version = EXCLUDED.version,
-        updated_at = EXCLUDED.updated_at
-RETURNING account_id, balance, version
-"""
-SQL_APPLIED = """
-INSERT INTO cdc_applied (slot_name, commit_lsn, xid, events, commit_ts, applied_at)
-SELECT %s, l::pg_lsn, x, e, t, clock_timestamp()
-FROM unnest(%s::text[], %s::bigint[], %s::integer[], %s::timestamptz[]) AS u(l, x, e, t)
-RETURNING events, extract(epoch FROM applied_at - commit_ts) * 1000
-"""
-SQL_CHECKPOINT = """
-UPDATE cdc_checkpoint
-   SET commit_lsn = %s::pg_lsn, end_lsn = %s::pg_lsn,
-       applied_transactions = applied_transactions + %s,
-       updated_at = clock_timestamp()
- WHERE slot_name = %s
-RETURNING slot_name, commit_lsn::text, end_lsn::text, applied_transactions,
-          start_position
+SELECT
+    (SELECT count(*) FROM cdc_checkpoint WHERE slot_name = %(slot)s),
+    (SELECT json_agg(json_build_array(account_id, first_version, have)) FROM bad),
+    (SELECT json_agg(json_build_array(account_id, balance, version)) FROM up),
+    (SELECT json_agg(lag_ms) FROM app WHERE events > 0),
+    (SELECT row_to_json(ck) FROM ck)
 """
 
 
@@ -239,51 +269,50 @@ def apply(conn: Conn, slot: str, txs: Sequence[TxLike], after_lsn: int) -> Appli
             last[ch.account_id] = ch.version
             total[ch.account_id] = total.get(ch.account_id, 0) + ch.delta
 
-    with conn.transaction():
-        ids = sorted(last)
-        accounts: list[tuple[int, int, int]] = []
-        if ids:
-            rows = conn.execute(SQL_VERSIONS, (ids,)).fetchall()
-            known: dict[int, int] = {int(r[0]): int(r[1]) for r in rows}
-            for account_id in ids:
-                expected = known.get(account_id, 0) + 1
-                if first[account_id] != expected:
-                    raise OrderViolation(
-                        f"account {account_id}: version {first[account_id]} arrived,"
-                        f" {expected} expected"
-                    )
-            rows = conn.execute(
-                SQL_UPSERT,
-                (ids, [total[a] for a in ids], [last[a] for a in ids]),
-            ).fetchall()
-            accounts = [(int(r[0]), int(r[1]), int(r[2])) for r in rows]
-        lag_rows = conn.execute(
-            SQL_APPLIED,
-            (
-                slot,
-                [format_lsn(tx.commit_lsn) for tx in fresh],
-                [tx.xid for tx in fresh],
-                [len(tx.rows) for tx in fresh],
-                [tx.commit_ts for tx in fresh],
-            ),
-        ).fetchall()
-        tail = fresh[-1]
-        row = conn.execute(
-            SQL_CHECKPOINT,
-            (format_lsn(tail.commit_lsn), format_lsn(tail.end_lsn), len(fresh), slot),
-        ).fetchone()
-        if row is None:
-            raise CdcLoadError(f"slot {slot} has no checkpoint row; start it first")
+    ids = sorted(last)
+    tail = fresh[-1]
+    # Numbers, LSNs and ISO timestamps need no quoting in an array literal.
+    lit = array_literal
+    row = conn.execute(
+        SQL_APPLY,
+        {
+            "slot": slot,
+            "ids": lit(ids),
+            "deltas": lit(total[a] for a in ids),
+            "lasts": lit(last[a] for a in ids),
+            "firsts": lit(first[a] for a in ids),
+            "lsns": lit(format_lsn(tx.commit_lsn) for tx in fresh),
+            "xids": lit(tx.xid for tx in fresh),
+            "counts": lit(len(tx.rows) for tx in fresh),
+            "times": lit(tx.commit_ts.isoformat() for tx in fresh),
+            "commit": format_lsn(tail.commit_lsn),
+            "end": format_lsn(tail.end_lsn),
+            "n": len(fresh),
+        },
+    ).fetchone()
+    assert row is not None
+    has_checkpoint, bad, accounts, lags, saved = row
+    if not has_checkpoint:
+        raise CdcLoadError(f"slot {slot} has no checkpoint row; start it first")
+    if bad:
+        account_id, arrived, have = min(bad)
+        raise OrderViolation(
+            f"account {account_id}: version {arrived} arrived, {have + 1} expected"
+        )
     checkpoint = Checkpoint(
-        row[0], parse_lsn(row[1]), parse_lsn(row[2]), int(row[3]), int(row[4])
+        saved["slot_name"],
+        parse_lsn(saved["commit_lsn"]),
+        parse_lsn(saved["end_lsn"]),
+        int(saved["applied_transactions"]),
+        int(saved["start_position"]),
     )
     return Applied(
         transactions=len(fresh),
         skipped=skipped,
         events=events,
-        accounts=accounts,
+        accounts=[(int(a), int(b), int(v)) for a, b, v in accounts or []],
         # Markers carry no events; their lag is not a propagation of the workload.
-        lags_ms=[float(r[1]) for r in lag_rows if r[0] > 0],
+        lags_ms=[float(x) for x in lags or []],
         checkpoint=checkpoint,
     )
 

@@ -115,6 +115,28 @@ class Stack:
             check=False,
         )
 
+    def web_ui(self, port: int, **extra: str) -> subprocess.Popen[str]:
+        """Start Locust with its web UI on `port`, the test started at once."""
+        return subprocess.Popen(
+            [
+                LOCUST,
+                "-f",
+                "locustfile.py",
+                "--web-host",
+                "127.0.0.1",
+                "--web-port",
+                str(port),
+                "--autostart",
+                "-u",
+                "5",
+            ],
+            cwd=ROOT,
+            env=self.env(**extra),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
     def summary(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads((self.tmp / "summary.json").read_text())
         return data

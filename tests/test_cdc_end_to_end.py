@@ -26,7 +26,7 @@ from services import endtoend, eventstore, replication
 from services.consumer import Consumer
 from services.pool import Pool
 from tests.conftest import ROOT, cdc_load_connections
-from tests.pipeline import LOCUST, Stack, free_port, start_redis, stop_redis
+from tests.pipeline import Stack, free_port, start_redis, stop_redis
 
 
 def dbname(url: str) -> str:
@@ -260,29 +260,11 @@ def test_redis_stopped_and_started_mid_run(
 def test_web_ui_shows_cdc_rows_live(stack: Stack) -> None:
     stack.start_consumer()
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            LOCUST,
-            "-f",
-            "locustfile.py",
-            "--web-host",
-            "127.0.0.1",
-            "--web-port",
-            str(port),
-            "--autostart",
-            "-u",
-            "5",
-        ],
-        cwd=ROOT,
-        env=stack.env(**{"CDC_WORKLOAD__TARGET_OPS": "100000"}),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = stack.web_ui(port, CDC_WORKLOAD__TARGET_OPS="100000")
     try:
         rows: list[dict[str, Any]] = []
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.5)
             try:
                 with urllib.request.urlopen(
@@ -294,11 +276,11 @@ def test_web_ui_shows_cdc_rows_live(stack: Stack) -> None:
             rows = [r for r in data["stats"] if r["method"] == "CDC"]
             if rows and rows[0]["num_requests"] > 20:
                 break
-        assert rows and rows[0]["name"] == "propagation", rows
-        assert rows[0]["num_requests"] > 20
     finally:
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=60)
+    assert rows and rows[0]["name"] == "propagation", (rows, err[-3000:])
+    assert rows[0]["num_requests"] > 20, err[-3000:]
     assert "another command is already in progress" not in err
     assert stack.stop_consumer(stack.consumers[-1]) == 0
     assert cdc_load_connections(stack.db_url, dbname(stack.db_url)) == []

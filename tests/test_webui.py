@@ -19,8 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.pipeline import LOCUST, Stack, free_port
+from tests.pipeline import Stack, free_port
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -54,26 +53,8 @@ def test_cdc_tab_renders_live_numbers(stack: Stack, tmp_path: Path) -> None:
     browser = chromium()
     stack.start_consumer()
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            LOCUST,
-            "-f",
-            "locustfile.py",
-            "--web-host",
-            "127.0.0.1",
-            "--web-port",
-            str(port),
-            "--autostart",
-            "-u",
-            "5",
-        ],
-        cwd=ROOT,
-        env=stack.env(
-            CDC_WORKLOAD__TARGET_OPS="100000", CDC_WORKLOAD__TARGET_RATE="300"
-        ),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = stack.web_ui(
+        port, CDC_WORKLOAD__TARGET_OPS="100000", CDC_WORKLOAD__TARGET_RATE="300"
     )
     try:
         # Wait until the consumer's status and some propagation have arrived.
