@@ -53,6 +53,7 @@ class CdcFeed:
         self.errors = 0
         self.history: list[dict[str, float]] = []
         self._greenlet: gevent.Greenlet[Any, Any] | None = None
+        self._running = False
 
     def start(self) -> None:
         """Start reading from the newest entry on."""
@@ -63,11 +64,14 @@ class CdcFeed:
         except redis.RedisError as exc:
             logger.warning("cannot read the lag stream %s: %s", self.stream, exc)
             self.last_id = "0-0"
+        self._running = True
         self._greenlet = gevent.spawn(self._run)
 
     def stop(self) -> None:
-        """Stop reading and close the Redis client."""
+        """Stop reading (after the read in progress) and close the Redis client."""
+        self._running = False
         if self._greenlet is not None:
+            self._greenlet.join(timeout=2 + BLOCK_MS / 1000)
             self._greenlet.kill(block=True, timeout=2)
             self._greenlet = None
         self.client.close()
@@ -90,7 +94,7 @@ class CdcFeed:
 
     def _run(self) -> None:
         last_status = 0.0
-        while True:
+        while self._running:
             try:
                 replies = self.client.xread(
                     {self.stream: self.last_id}, count=READ_COUNT, block=BLOCK_MS

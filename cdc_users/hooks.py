@@ -62,6 +62,7 @@ class _State:
     peak_connections: int = 0
     peak_pool_connections: int = 0
     sampler: Any = None
+    sampling: bool = False
     #: What the UI keeps showing once the test's feed has stopped.
     last_status: dict[str, str] = dataclasses.field(default_factory=dict)
     last_history: list[dict[str, float]] = dataclasses.field(default_factory=list)
@@ -261,6 +262,7 @@ def _on_test_start(environment: Environment, **_kwargs: Any) -> None:
                 STATE.feed = CdcFeed(environment, profile)
                 STATE.feed.start()
             STATE.peak_connections = STATE.peak_pool_connections = 0
+            STATE.sampling = True
             STATE.sampler = gevent.spawn(_sample_connections, profile)
         if isinstance(runner, MasterRunner):
             _send_plans(runner, profile)
@@ -394,7 +396,7 @@ WHERE application_name LIKE 'cdc-load%%' AND datname = current_database()
 def _sample_connections(profile: Profile) -> None:
     try:
         with setup.connect(profile.database.url, "sampler") as conn:
-            while True:
+            while STATE.sampling:
                 row = conn.execute(SQL_CONNECTIONS).fetchone()
                 if row is not None:
                     STATE.peak_connections = max(STATE.peak_connections, int(row[0]))
@@ -457,6 +459,10 @@ def _on_test_stop(environment: Environment, **_kwargs: Any) -> None:
     if isinstance(environment.runner, WorkerRunner) or STATE.profile is None:
         return
     if STATE.sampler is not None:
+        # Let it finish its query: a greenlet killed mid-query leaves psycopg a
+        # busy connection to roll back ("another command is already in progress").
+        STATE.sampling = False
+        STATE.sampler.join(timeout=5)
         STATE.sampler.kill(block=True)
         STATE.sampler = None
     if not STATE.headless:
