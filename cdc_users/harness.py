@@ -13,19 +13,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
 import redis
 
-from services import cache, green, logs, projections
+from services import cache, logs, projections
 from services.config import Profile
-from services.errors import OperationFailure, OperationTimeout, UnknownAccount
+from services.errors import OperationFailure
 from services.eventstore import (
     Command,
     EventStore,
     Outcome,
     existing_accounts,
-    read_heads,
-    translate,
 )
 from services.gates import CircuitBreaker, InFlightLimiter, OpBudget, UtilizationPause
 from services.groupcommit import GroupCommitter
@@ -153,26 +150,11 @@ class Harness:
                 self._cache_down_until = time.monotonic() + CACHE_BACKOFF_S
                 logger.debug("cache read failed, reading the projection: %s", exc)
         c.cache_misses += 1
-        limit = self.profile.deadlines.read
-        timeout = OperationTimeout(f"balance read passed its {limit:g} s deadline")
-        with (
-            self.pool.connection(statement_timeout_s=limit) as conn,
-            green.deadline(limit, timeout),
-        ):
-            try:
-                found = projections.read(conn, account_id)
-            except psycopg.Error as exc:
-                raise translate(exc) from exc
-            if found is None:
-                # Not projected yet (the consumer is behind, or restarting): the
-                # event store's head answers, as a read of one's own writes would.
-                c.projection_misses += 1
-                try:
-                    head = read_heads(conn, [account_id]).get(account_id)
-                except psycopg.Error as exc:
-                    raise translate(exc) from exc
-                if head is None:
-                    raise UnknownAccount(f"account {account_id} does not exist")
+        if self.store.read(lambda conn: projections.read(conn, account_id)) is None:
+            # Not projected yet (the consumer is behind, or restarting): the event
+            # store's head answers, as a read of one's own writes would.
+            c.projection_misses += 1
+            self.store.balance(account_id)
         return "PG"
 
     def pick(self) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -40,6 +40,8 @@ from services.sqlarrays import array_literal
 
 logger = logs.get("eventstore")
 
+T = TypeVar("T")
+
 Kind = Literal["open", "deposit", "withdraw", "transfer"]
 
 _EVENT_OF = {
@@ -56,7 +58,6 @@ SQL_HEADS = (
 SQL_APPEND = (
     "SELECT cdc_append(%s, %s::bigint[], %s::integer[], %s::bigint[], %s::text[])"
 )
-SQL_BALANCE = "SELECT balance, version FROM accounts WHERE account_id = %s"
 SQL_OPEN = """
 WITH opened AS (
     INSERT INTO accounts (version, balance)
@@ -289,21 +290,29 @@ class EventStore:
         rows = conn.execute(SQL_OPEN, {"balances": balances, "tx": tx}).fetchall()
         return [int(r[0]) for r in rows]
 
-    def balance(self, account_id: int) -> Head:
-        """Read an account's balance and version; raise `UnknownAccount` if absent."""
+    def read(self, query: Callable[[Conn], T]) -> T:
+        """Run a read on the pool within the read deadline and return its result.
+
+        Raise `OperationTimeout` past the deadline, `PoolTimeout`, or the
+        translated driver error.
+        """
         limit = self.read_deadline_s
-        timeout = OperationTimeout(f"balance read passed its {limit:g} s deadline")
+        timeout = OperationTimeout(f"read passed its {limit:g} s deadline")
         with (
             self.pool.connection(statement_timeout_s=limit) as conn,
             green.deadline(limit, timeout),
         ):
             try:
-                row = conn.execute(SQL_BALANCE, (account_id,)).fetchone()
+                return query(conn)
             except psycopg.Error as exc:
                 raise translate(exc) from exc
-        if row is None:
+
+    def balance(self, account_id: int) -> Head:
+        """Read an account's head; raise `UnknownAccount` if it does not exist."""
+        head = self.read(lambda conn: read_heads(conn, [account_id]).get(account_id))
+        if head is None:
             raise UnknownAccount(f"account {account_id} does not exist")
-        return Head(version=int(row[1]), balance=int(row[0]))
+        return head
 
 
 def create_accounts(
