@@ -28,9 +28,10 @@ from services import logs, projections, replication, schema
 from services.config import Profile
 from services.errors import CdcLoadError, ServiceUnavailable
 from services.histogram import Histogram
+from services.pgoutput import format_lsn, parse_lsn
 from services.pool import Conn, Pool, application_name
 from services.procstats import peak_rss_kib
-from services.projections import Checkpoint, format_lsn
+from services.projections import Checkpoint
 
 logger = logs.get("cdc")
 
@@ -361,7 +362,7 @@ def drain(profile: Profile, *, timeout_s: float | None = None) -> dict[str, Any]
         with setup.connect(profile.database.url, "drain") as conn:
             row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
             assert row is not None
-            target = projections.parse_lsn(str(row[0]))
+            target = parse_lsn(str(row[0]))
             conn.execute(f"INSERT INTO {MARKERS_TABLE} DEFAULT VALUES")
             last_log = 0.0
             while True:

@@ -24,6 +24,7 @@ from typing import Protocol
 
 from services import logs
 from services.errors import CdcLoadError
+from services.pgoutput import format_lsn, parse_lsn
 from services.pool import Conn
 from services.sqlarrays import array_literal
 
@@ -166,17 +167,6 @@ def start_checkpoint(conn: Conn, slot: str) -> Checkpoint:
         (slot, start),
     )
     return Checkpoint(slot, 0, 0, 0, start)
-
-
-def parse_lsn(text: str) -> int:
-    """Parse an LSN written as `16/B374D848`."""
-    high, _, low = text.partition("/")
-    return (int(high, 16) << 32) | int(low, 16)
-
-
-def format_lsn(lsn: int) -> str:
-    """Format an LSN as PostgreSQL writes it: `16/B374D848`."""
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
 
 
 # One statement, so one round trip and its own transaction: every write is guarded
