@@ -173,7 +173,10 @@ class WorkloadSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class InFlightSettings:
-    """A semaphore on database work: at most `permits` operations at once."""
+    """A semaphore on database work: at most `permits` operations at once.
+
+    Writes on the batched path are bounded by the group-commit queue instead.
+    """
 
     permits: int = _spec(check="positive")
     # None waits for ever, which is what the baseline did.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -126,17 +127,29 @@ def _rows(tmp_path: Path) -> dict[str, dict[str, str]]:
 def test_batched_path_run(
     tmp_path: Path, conn: psycopg.Connection[Any], db_url: str, redis_url: str
 ) -> None:
+    # Two permits for twenty users: queued writes hold none, so batches grow past
+    # two; reads still take one.
     done, report = run_locust(
         tmp_path,
         db_url,
         redis_url,
-        {"CDC_EVENT_STORE__WRITE_PATH": "batched", "CDC_WORKLOAD__TARGET_OPS": "500"},
+        {
+            "CDC_EVENT_STORE__WRITE_PATH": "batched",
+            "CDC_WORKLOAD__TARGET_OPS": "2000",
+            "CDC_EVENT_STORE__BATCH_PROCESSOR_COUNT": "1",
+            "CDC_IN_FLIGHT__PERMITS": "2",
+        },
+        "-u",
+        "20",
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    assert report is not None and report["operations"] == 500
+    assert report is not None and report["operations"] == 2000
     assert report["write_path"] == "batched"
     assert "closed pool cdc-load-writers-" in done.stderr
     assert cdc_load_connections(db_url, dbname(db_url)) == []
+    largest = re.search(r"stopped group-commit writers: .* largest (\d+)", done.stderr)
+    assert largest is not None, done.stderr[-3000:]
+    assert int(largest.group(1)) > 2
 
 
 @pytest.mark.slow
