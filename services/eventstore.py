@@ -219,6 +219,45 @@ def read_heads(conn: Conn, ids: Sequence[int]) -> dict[int, Head]:
     return {int(r[0]): Head(int(r[1]), int(r[2])) for r in rows}
 
 
+def append(
+    conn: Conn,
+    cmd: Command,
+    attempts: int,
+    on_retry: Callable[[], None] | None = None,
+) -> Outcome:
+    """Read the heads, plan and append a command on `conn`: two statements.
+
+    A version check that fails (another writer moved a head first) is re-read and
+    retried, `on_retry` called each time, up to `attempts` in all; then `Conflict`.
+    Business failures are raised as `plan` raises them; driver errors are not
+    translated. Used by `EventStore.execute` and by the bench's bare client.
+    """
+    ids = accounts_of(cmd)
+    for attempt in range(1, attempts + 1):
+        steps = plan(cmd, read_heads(conn, ids))
+        try:
+            conn.execute(
+                SQL_APPEND,
+                (
+                    cmd.transaction_id,
+                    array_literal(s.account_id for s in steps),
+                    array_literal(s.expected_version for s in steps),
+                    array_literal(s.delta for s in steps),
+                    array_literal(s.event_type for s in steps),
+                ),
+            )
+        except pg_errors.SerializationFailure as exc:
+            if attempt == attempts:
+                raise Conflict(
+                    f"{cmd.kind} on {ids}: versions moved {attempt} times"
+                ) from exc
+            if on_retry is not None:
+                on_retry()
+            continue
+        return Outcome(cmd.transaction_id, cmd.account_id, attempt)
+    raise AssertionError("unreachable: the loop returns or raises")
+
+
 class EventStore:
     """Commands on the caller's pool, one transaction each (the direct path)."""
 
@@ -255,34 +294,12 @@ class EventStore:
                 if cmd.kind == "open":
                     new_id = self._open(conn, [cmd.amount], cmd.transaction_id)[0]
                     return Outcome(cmd.transaction_id, new_id)
-                return self._append(conn, cmd)
+                return append(conn, cmd, self.conflict_attempts, self._retried)
             except psycopg.Error as exc:
                 raise translate(exc) from exc
 
-    def _append(self, conn: Conn, cmd: Command) -> Outcome:
-        ids = accounts_of(cmd)
-        for attempt in range(1, self.conflict_attempts + 1):
-            steps = plan(cmd, read_heads(conn, ids))
-            try:
-                conn.execute(
-                    SQL_APPEND,
-                    (
-                        cmd.transaction_id,
-                        array_literal(s.account_id for s in steps),
-                        array_literal(s.expected_version for s in steps),
-                        array_literal(s.delta for s in steps),
-                        array_literal(s.event_type for s in steps),
-                    ),
-                )
-            except pg_errors.SerializationFailure as exc:
-                if attempt == self.conflict_attempts:
-                    raise Conflict(
-                        f"{cmd.kind} on {ids}: versions moved {attempt} times"
-                    ) from exc
-                self.conflicts_retried += 1
-                continue
-            return Outcome(cmd.transaction_id, cmd.account_id, attempt)
-        raise AssertionError("unreachable: the loop returns or raises")
+    def _retried(self) -> None:
+        self.conflicts_retried += 1
 
     def _open(self, conn: Conn, balances: list[int], tx: uuid.UUID) -> list[int]:
         # The command's own id, as the batched path writes it: the outcome names

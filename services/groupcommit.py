@@ -68,7 +68,9 @@ WHERE a.account_id = h.account_id
 
 
 @dataclass(slots=True)
-class _Pending:
+class Pending:
+    """A queued command: its caller waits on `done` for `outcome` or `error`."""
+
     cmd: Command
     deadline: float
     done: Any = field(default_factory=green.event)
@@ -127,7 +129,7 @@ class GroupCommitter:
         self.batch_size = batch_size
         self.write_deadline_s = write_deadline_s
         self.stats = BatchStats()
-        self._queue: queue.Queue[_Pending | None] = green.queue(queue_size)
+        self._queue: queue.Queue[Pending | None] = green.queue(queue_size)
         self._writers = [
             threading.Thread(target=self._run, name=f"group-commit-{n}", daemon=True)
             for n in range(writers)
@@ -160,7 +162,7 @@ class GroupCommitter:
             raise ServiceUnavailable("the group committer is closed")
         validate(cmd)
         limit = self.write_deadline_s
-        pending = _Pending(cmd, time.monotonic() + limit)
+        pending = Pending(cmd, time.monotonic() + limit)
         try:
             self._queue.put(pending, timeout=limit)
         except queue.Full:
@@ -219,9 +221,9 @@ class GroupCommitter:
             logger.error("group-commit writer stopped: %r", exc)
             raise
 
-    def _commit(self, batch: list[_Pending]) -> None:
+    def _commit(self, batch: list[Pending]) -> None:
         now = time.monotonic()
-        live: list[_Pending] = []
+        live: list[Pending] = []
         for item in batch:
             if item.deadline <= now:
                 # Its caller has given up: never apply it behind the caller's back.
@@ -238,7 +240,7 @@ class GroupCommitter:
                 self.pool.connection(statement_timeout_s=self.write_deadline_s) as conn,
                 conn.transaction(),
             ):
-                self._apply(conn, live)
+                apply_batch(conn, live)
         except (psycopg.Error, CdcLoadError) as exc:
             failure = translate(exc) if isinstance(exc, psycopg.Error) else exc
             if not isinstance(failure, OperationFailure):
@@ -257,55 +259,62 @@ class GroupCommitter:
         for item in live:
             item.done.set()
 
-    def _apply(self, conn: Conn, batch: list[_Pending]) -> None:
-        ids = sorted({a for item in batch for a in accounts_of(item.cmd)})
-        lit = array_literal  # see services.sqlarrays
-        rows = conn.execute(SQL_LOCK, (lit(ids),)).fetchall() if ids else []
-        heads = {int(r[0]): Head(int(r[1]), int(r[2])) for r in rows}
 
-        events = _EventRows()
-        opens = [item for item in batch if item.cmd.kind == "open"]
-        if opens:
-            created = conn.execute(SQL_OPEN, (lit(i.cmd.amount for i in opens),))
-            for item, row in zip(opens, created.fetchall(), strict=True):
-                tx = item.cmd.transaction_id
-                new_id = int(row[0])
-                heads[new_id] = Head(1, item.cmd.amount)
-                events.add(tx, new_id, 1, "AccountOpened", item.cmd.amount)
-                item.outcome = Outcome(item.cmd.transaction_id, new_id)
+def apply_batch(conn: Conn, batch: list[Pending]) -> None:
+    """Lock, plan and append a batch inside the caller's transaction on `conn`.
 
-        touched: set[int] = set()
-        for item in batch:
-            if item.cmd.kind == "open":
-                continue
-            try:
-                steps = plan(item.cmd, heads)
-            except OperationFailure as exc:
-                item.error = exc
-                continue
-            events.add_steps(item.cmd.transaction_id, steps)
-            advance(heads, steps)
-            touched.update(s.account_id for s in steps)
-            item.outcome = Outcome(item.cmd.transaction_id, item.cmd.account_id)
+    Sets each item's `outcome`, or its `error` for a business rejection; a driver
+    error propagates and nothing of the batch commits. Used by the writers and by
+    the bench's bare writer.
+    """
+    ids = sorted({a for item in batch for a in accounts_of(item.cmd)})
+    lit = array_literal  # see services.sqlarrays
+    rows = conn.execute(SQL_LOCK, (lit(ids),)).fetchall() if ids else []
+    heads = {int(r[0]): Head(int(r[1]), int(r[2])) for r in rows}
 
-        if events.ids:
-            conn.execute(
-                SQL_EVENTS,
-                (
-                    lit(events.ids),
-                    lit(events.versions),
-                    lit(events.kinds),
-                    lit(events.deltas),
-                    lit(events.txs),
-                ),
-            )
-        if touched:
-            order = sorted(touched)
-            conn.execute(
-                SQL_HEADS,
-                (
-                    lit(order),
-                    lit(heads[a].version for a in order),
-                    lit(heads[a].balance for a in order),
-                ),
-            )
+    events = _EventRows()
+    opens = [item for item in batch if item.cmd.kind == "open"]
+    if opens:
+        created = conn.execute(SQL_OPEN, (lit(i.cmd.amount for i in opens),))
+        for item, row in zip(opens, created.fetchall(), strict=True):
+            tx = item.cmd.transaction_id
+            new_id = int(row[0])
+            heads[new_id] = Head(1, item.cmd.amount)
+            events.add(tx, new_id, 1, "AccountOpened", item.cmd.amount)
+            item.outcome = Outcome(item.cmd.transaction_id, new_id)
+
+    touched: set[int] = set()
+    for item in batch:
+        if item.cmd.kind == "open":
+            continue
+        try:
+            steps = plan(item.cmd, heads)
+        except OperationFailure as exc:
+            item.error = exc
+            continue
+        events.add_steps(item.cmd.transaction_id, steps)
+        advance(heads, steps)
+        touched.update(s.account_id for s in steps)
+        item.outcome = Outcome(item.cmd.transaction_id, item.cmd.account_id)
+
+    if events.ids:
+        conn.execute(
+            SQL_EVENTS,
+            (
+                lit(events.ids),
+                lit(events.versions),
+                lit(events.kinds),
+                lit(events.deltas),
+                lit(events.txs),
+            ),
+        )
+    if touched:
+        order = sorted(touched)
+        conn.execute(
+            SQL_HEADS,
+            (
+                lit(order),
+                lit(heads[a].version for a in order),
+                lit(heads[a].balance for a in order),
+            ),
+        )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
+import sys
 from typing import Any
 
 import psycopg
@@ -15,11 +18,13 @@ from scripts.bench import (
     SoakSample,
     analyse_soak,
     harness_result,
+    parse_bare,
     parse_pgbench,
     slope,
 )
 from services.config import CONFLICT_ATTEMPTS, MAX_AMOUNT, OPENING_BALANCE
 from services.eventstore import create_accounts
+from tests.conftest import ROOT
 
 ACCOUNTS = 50
 TRANSACTIONS = 20
@@ -72,12 +77,17 @@ def test_pgbench_script_runs_transfers_like_the_direct_path(
     assert run.transactions == TRANSACTIONS
     assert run.failed == 0
     # Every balance covers any amount: each transaction is one transfer appended.
+    assert_transfers(conn, TRANSACTIONS)
+
+
+def assert_transfers(conn: psycopg.Connection[Any], appended: int) -> None:
+    """`appended` transfers are in the events, money is conserved, heads agree."""
     counts = dict(
         conn.execute(
             "SELECT event_type, count(*) FROM events GROUP BY event_type"
         ).fetchall()
     )
-    assert counts["TransferDebited"] == counts["TransferCredited"] == TRANSACTIONS
+    assert counts["TransferDebited"] == counts["TransferCredited"] == appended
     total = conn.execute("SELECT sum(balance) FROM accounts").fetchone()
     assert total is not None and total[0] == ACCOUNTS * OPENING_BALANCE
     heads_behind = conn.execute(
@@ -85,6 +95,44 @@ def test_pgbench_script_runs_transfers_like_the_direct_path(
         " (SELECT max(version) FROM events e WHERE e.account_id = a.account_id)"
     ).fetchone()
     assert heads_behind == (0,)
+
+
+@pytest.mark.parametrize(
+    ("mode", "extra"),
+    [("direct", ["--clients", "3"]), ("batched", ["--writers", "2", "--batch", "7"])],
+)
+def test_bare_client_moves_money_like_the_harness(
+    conn: psycopg.Connection[Any], db_url: str, mode: str, extra: list[str]
+) -> None:
+    create_accounts(conn, ACCOUNTS, OPENING_BALANCE, batch_size=ACCOUNTS)
+
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "scripts.bare", mode, *extra),
+            *("--seconds", "1", "--url", db_url, "--accounts", str(ACCOUNTS)),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = parse_bare(done.stdout)
+    assert run.mode == mode
+    assert run.operations > 0
+    assert (run.batch_p99_ms is None) == (mode == "direct")
+    result = json.loads(done.stdout)
+    assert_transfers(conn, run.operations - result["rejected"] - result["conflicts"])
+
+
+def test_parse_bare_refuses_output_without_a_result() -> None:
+    with pytest.raises(BenchError, match="no result"):
+        parse_bare("scripts.bare: cannot connect\n")
+    with pytest.raises(BenchError, match="bad result"):
+        parse_bare('{"mode": "direct"}\n')
 
 
 def test_parse_pgbench_reads_throughput_failures_and_retries() -> None:
