@@ -21,7 +21,7 @@ from psycopg import errors as pg_errors
 from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow
 
-from services import logs
+from services import green, logs
 from services.config import PoolSettings, mask_url
 from services.errors import PoolTimeout, ServiceUnavailable, TooManyConnections
 
@@ -87,6 +87,8 @@ class Pool:
         min_size: int | None = None,
         max_size: int | None = None,
     ) -> None:
+        # A Locust process was patched by Locust, not by green.patch().
+        green.install_wait()
         self.name = role
         self.settings = settings
         self.max_size = max_size if max_size is not None else settings.max_size

@@ -6,8 +6,10 @@ application_name; waits are measured with the monotonic clock.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -273,6 +275,55 @@ def test_psycopg_is_cooperative_under_gevent(db_url: str) -> None:
         took = time.monotonic() - started
 
     assert 0.3 <= took < 0.5
+
+
+def test_psycopg_waits_with_the_gevent_watcher_wait() -> None:
+    import psycopg.waiting
+
+    # Installed by green.patch(); the name tells it from psycopg's own functions.
+    assert psycopg.waiting.wait.__module__ == "services.green"
+
+
+def test_socket_closed_under_a_wait_fails_instead_of_hanging(db_url: str) -> None:
+    c = psycopg.connect(db_url, autocommit=True)
+    try:
+
+        def close_soon() -> None:
+            gevent.sleep(0.2)
+            # The descriptor itself, behind libpq's back: poll() would report
+            # it invalid; a watcher never fires, so the wait must look.
+            os.close(c.fileno())
+
+        closer = gevent.spawn(close_soon)
+        started = time.monotonic()
+        with pytest.raises(psycopg.OperationalError):
+            c.execute("SELECT pg_sleep(5)")
+        took = time.monotonic() - started
+        closer.join()
+    finally:
+        with contextlib.suppress(Exception):
+            c.close()
+
+    assert took < 1.0
+
+
+def test_wait_gives_up_after_its_timeout(db_url: str) -> None:
+    import psycopg.waiting
+    from psycopg import generators
+
+    c = psycopg.connect(db_url, autocommit=True)
+    try:
+        c.pgconn.send_query(b"SELECT pg_sleep(2)")
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors._WaitTimeout):
+            psycopg.waiting.wait(
+                generators.fetch_many(c.pgconn), c.pgconn.socket, 0.1, 0.3
+            )
+        took = time.monotonic() - started
+    finally:
+        c.close()
+
+    assert 0.3 <= took < 0.6
 
 
 def test_statement_timeout_is_set_per_connection(db_url: str) -> None:
