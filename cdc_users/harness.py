@@ -56,6 +56,11 @@ class Counters:
     projection_misses: int = 0
     connection_errors: int = 0
     peak_rss_kib: int = 0
+    #: The group-commit writers' totals (batched path only).
+    batches: int = 0
+    batched_commands: int = 0
+    largest_batch: int = 0
+    expired_in_queue: int = 0
     final_pools: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -198,7 +203,17 @@ class Harness:
         c.conflicts_retried = self.store.conflicts_retried
         c.connection_errors = sum(s.connection_errors for s in self.pool_stats())
         c.peak_rss_kib = peak_rss_kib()
+        self._snapshot_batches()
         return c
+
+    def _snapshot_batches(self) -> None:
+        if self.committer is None:
+            return
+        c, stats = self.counters, self.committer.stats
+        c.batches = stats.batches
+        c.batched_commands = stats.commands
+        c.largest_batch = stats.largest_batch
+        c.expired_in_queue = stats.expired
 
     def close(self) -> None:
         """Stop the writers and close the pools, logging their final state."""
@@ -209,6 +224,8 @@ class Harness:
         started = time.monotonic()
         if self.committer is not None:
             self.committer.close()
+            # What the writers committed while they were being stopped.
+            self._snapshot_batches()
         finals = [self.pool.close()]
         if self.writer_pool is not None:
             finals.append(self.writer_pool.close())

@@ -90,6 +90,10 @@ def build(
         totals.cache_errors += counters["cache_errors"]
         totals.projection_misses += counters["projection_misses"]
         totals.connection_errors += counters["connection_errors"]
+        totals.batches += counters["batches"]
+        totals.batched_commands += counters["batched_commands"]
+        totals.largest_batch = max(totals.largest_batch, counters["largest_batch"])
+        totals.expired_in_queue += counters["expired_in_queue"]
 
     verification = (end or {}).get("verification")
     lag_p99: float | None = None
@@ -137,6 +141,14 @@ def build(
         "peak_pool_connections": peak_connections[1],
         "connection_errors": totals.connection_errors,
         "conflicts_retried": totals.conflicts_retried,
+        "group_commit": {
+            "batches": totals.batches,
+            "commands": totals.batched_commands,
+            "largest_batch": totals.largest_batch,
+            "expired_in_queue": totals.expired_in_queue,
+        }
+        if profile.event_store.write_path == "batched"
+        else None,
         "cache": {
             "hits": totals.cache_hits,
             "misses": totals.cache_misses,
@@ -223,6 +235,14 @@ def render(report: dict[str, Any]) -> list[str]:
         f" {report['connection_errors']} failed to open",
         f"  conflicts       {report['conflicts_retried']} retried",
     ]
+    group = report.get("group_commit")
+    if group:
+        mean = group["commands"] / group["batches"] if group["batches"] else 0.0
+        lines.append(
+            f"  group commit    {group['batches']} batches of {mean:.1f} commands"
+            f" on average, largest {group['largest_batch']},"
+            f" {group['expired_in_queue']} expired in the queue"
+        )
     if len(report["processes"]) > 1:
         for name, c in sorted(report["processes"].items()):
             lines.append(
