@@ -21,7 +21,6 @@ from typing import Any
 
 import psycopg
 import redis
-from psycopg import sql
 
 from services import cache as cache_mod
 from services import logs, projections, replication, schema
@@ -58,34 +57,6 @@ class ConsumerStats:
     started: float = field(default_factory=time.monotonic)
 
 
-def ensure_publication(conn: Conn, name: str) -> bool:
-    """Publish `events` and `cdc_markers` under `name`; return True if created."""
-    exists = conn.execute(
-        "SELECT 1 FROM pg_publication WHERE pubname = %s", (name,)
-    ).fetchone()
-    if exists is None:
-        conn.execute(
-            sql.SQL("CREATE PUBLICATION {} FOR TABLE events, {}").format(
-                sql.Identifier(name), sql.Identifier(MARKERS_TABLE)
-            )
-        )
-        return True
-    tables = {
-        str(r[0])
-        for r in conn.execute(
-            "SELECT tablename FROM pg_publication_tables WHERE pubname = %s", (name,)
-        ).fetchall()
-    }
-    for table in ("events", MARKERS_TABLE):
-        if table not in tables:
-            conn.execute(
-                sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
-                    sql.Identifier(name), sql.Identifier(table)
-                )
-            )
-    return False
-
-
 def prepare(conn: Conn, profile: Profile) -> tuple[Checkpoint, bool]:
     """Create what the consumer needs if missing; return its checkpoint.
 
@@ -102,7 +73,9 @@ def prepare(conn: Conn, profile: Profile) -> tuple[Checkpoint, bool]:
         )
     schema.create(conn)
     projections.create(conn)
-    ensure_publication(conn, cdc.publication_name)
+    replication.ensure_publication(
+        conn, cdc.publication_name, ("events", MARKERS_TABLE)
+    )
     created = replication.ensure_slot(conn, cdc.slot_name)
     checkpoint = projections.load_checkpoint(conn, cdc.slot_name)
     if created or checkpoint is None:

@@ -42,6 +42,7 @@ import selectors
 import struct
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -884,45 +885,60 @@ def slot_state(conn: psycopg.Connection[Any], name: str) -> SlotState:
 
 
 def ensure_publication(
-    conn: psycopg.Connection[Any], name: str, table: str = EVENTS_TABLE
+    conn: psycopg.Connection[Any],
+    name: str,
+    tables: Sequence[str] = (EVENTS_TABLE,),
 ) -> bool:
-    """Create publication `name` for `table` unless it exists; tell if it did.
+    """Make publication `name` publish `tables`; tell if it was created now.
 
-    An existing publication is reused as it is, but must publish `table`.
-    Raises ValueError for a bad name and SlotError if the table is not published
-    by the existing publication, does not exist, or the server refuses.
+    An existing publication is kept, and a table it lacks is added to it: one made
+    before a table existed (the consumer's drain markers came later) is brought up
+    to date rather than refused. Raises ValueError for a bad name and SlotError if
+    a table does not exist or the server refuses.
     """
     _check_name(name, "publication")
-    schema, relname = _table_name(table)
-    target = (
-        sql.Identifier(relname) if schema is None else sql.Identifier(schema, relname)
-    )
-    exists = "SELECT 1 FROM pg_publication WHERE pubname = %s"
+    targets = []
+    for table in tables:
+        schema, relname = _table_name(table)
+        targets.append(
+            sql.Identifier(relname)
+            if schema is None
+            else sql.Identifier(schema, relname)
+        )
+    publication = sql.Identifier(name)
     created = False
     try:
         try:
             with conn.transaction():
-                if conn.execute(exists, (name,)).fetchone() is None:
+                exists = conn.execute(
+                    "SELECT 1 FROM pg_publication WHERE pubname = %s", (name,)
+                ).fetchone()
+                if exists is None:
                     create = sql.SQL("CREATE PUBLICATION {} FOR TABLE {}")
-                    conn.execute(create.format(sql.Identifier(name), target))
+                    conn.execute(
+                        create.format(publication, sql.SQL(", ").join(targets))
+                    )
                     created = True
         except pg_errors.DuplicateObject:
             # Another process created it between our check and our create.
             created = False
-        published = conn.execute(
-            "SELECT 1 FROM pg_publication_tables p"
-            " JOIN pg_class c ON c.oid = to_regclass(%s)"
-            " JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE p.pubname = %s AND p.schemaname = n.nspname"
-            " AND p.tablename = c.relname",
-            (target.as_string(conn), name),
-        ).fetchone()
+        for table, target in zip(tables, targets, strict=True):
+            published = conn.execute(
+                "SELECT 1 FROM pg_publication_tables p"
+                " JOIN pg_class c ON c.oid = to_regclass(%s)"
+                " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE p.pubname = %s AND p.schemaname = n.nspname"
+                " AND p.tablename = c.relname",
+                (target.as_string(conn), name),
+            ).fetchone()
+            if published is None:
+                add = sql.SQL("ALTER PUBLICATION {} ADD TABLE {}")
+                conn.execute(add.format(publication, target))
+                logger.info("added table %s to publication %s", table, name)
     except psycopg.Error as ex:
         raise SlotError(f"cannot ensure publication {name}: {ex}") from ex
-    if published is None:
-        raise SlotError(f"publication {name} does not publish table {table}")
     if created:
-        logger.info("created publication %s for table %s", name, table)
+        logger.info("created publication %s for %s", name, ", ".join(tables))
     return created
 
 

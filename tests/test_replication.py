@@ -444,9 +444,15 @@ def test_slot_helpers_create_reuse_measure_and_drop(
     name = f"cdc_load_ha_{uuid.uuid4().hex[:12]}"
     try:
         assert ensure_publication(conn, name) is True
-        assert ensure_publication(conn, name, "public.events") is False
-        with pytest.raises(SlotError, match="does not publish"):
-            ensure_publication(conn, name, "cdc_ha_other")
+        assert ensure_publication(conn, name, ["public.events"]) is False
+        # A table the publication lacks is added to it, and only that one.
+        assert ensure_publication(conn, name, ["events", "cdc_ha_other"]) is False
+        published = conn.execute(
+            "SELECT tablename FROM pg_publication_tables WHERE pubname = %s", (name,)
+        ).fetchall()
+        assert sorted(r[0] for r in published) == ["cdc_ha_other", "events"]
+        with pytest.raises(SlotError, match="cannot ensure"):
+            ensure_publication(conn, name, ["cdc_ha_no_such_table"])
 
         assert ensure_slot(conn, name) is True
         assert ensure_slot(conn, name) is False
