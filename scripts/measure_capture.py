@@ -8,7 +8,7 @@ fetches `clock_timestamp()`, and each transaction's lag is that time minus its
 pgoutput commit time. The round trip itself is included (its median is
 reported). Transactions committed during the warm-up are left out.
 
-    .venv/bin/python scripts/measure_capture.py --rate 1500 --seconds 20
+    .venv/bin/python -m scripts.measure_capture --rate 1500 --seconds 20
 
 Uses the database `cdc_helper_a` on the server of DATABASE_URL, and slots and a
 publication named `cdc_load_ha_measure*`, all dropped at the end.
@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from psycopg import conninfo
 
+from scripts import helper_db
 from services import logs
 from services.replication import (
     SlotReader,
@@ -42,8 +42,6 @@ from services.replication import (
 
 logger = logs.get("cdc")
 
-DEFAULT_SERVER_URL = "postgresql://postgres@127.0.0.1:54329/postgres"
-DATABASE = "cdc_helper_a"
 PUBLICATION = "cdc_load_ha_measure"
 #: Default total commit rate of the writers, in transactions per second.
 RATE_TPS = 1_500.0
@@ -55,18 +53,6 @@ WARMUP_S = 2.0
 WRITERS = 2
 #: How long the reader may take to catch up once writing stopped, in seconds.
 DRAIN_TIMEOUT_S = 60.0
-EVENTS_DDL = """
-CREATE TABLE IF NOT EXISTS events (
-  position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-  account_id bigint NOT NULL,
-  version integer NOT NULL,
-  event_type text NOT NULL,
-  delta bigint NOT NULL,
-  transaction_id uuid NOT NULL,
-  created_at timestamptz NOT NULL DEFAULT now(),
-  UNIQUE (account_id, version)
-)
-"""
 CLOCK_US = "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
 
 
@@ -292,10 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logs.configure(args.log_level)
 
-    server = args.url or os.environ.get("DATABASE_URL", DEFAULT_SERVER_URL)
-    url = conninfo.make_conninfo(server, dbname=DATABASE)
+    url = helper_db.ensure(args.url)
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(EVENTS_DDL)
         ensure_publication(conn, PUBLICATION)
 
     print(

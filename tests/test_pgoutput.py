@@ -14,7 +14,6 @@ names start with `cdc_load_ha_`, all dropped once the messages are read.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import struct
@@ -26,8 +25,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import conninfo, sql
 
+from scripts import helper_db
 from services.pgoutput import (
     EVENT_COLUMNS,
     PG_EPOCH_UNIX_US,
@@ -57,25 +56,11 @@ from services.pgoutput import (
 )
 
 DATA = Path(__file__).resolve().parent / "data"
-DEFAULT_SERVER_URL = "postgresql://postgres@127.0.0.1:54329/postgres"
-DATABASE = "cdc_helper_a"
 SLOT = "cdc_load_ha_fixture"
 PUBLICATION = "cdc_load_ha_fixture"
 ORIGIN = "cdc_load_ha_origin"
 #: Rows the events scenario writes; its account is emptied first.
 ACCOUNT = 101
-EVENTS_DDL = """
-CREATE TABLE IF NOT EXISTS events (
-  position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-  account_id bigint NOT NULL,
-  version integer NOT NULL,
-  event_type text NOT NULL,
-  delta bigint NOT NULL,
-  transaction_id uuid NOT NULL,
-  created_at timestamptz NOT NULL DEFAULT now(),
-  UNIQUE (account_id, version)
-)
-"""
 EVENTS = [
     # (version, event_type, delta, transaction_id), first transaction then second.
     (1, "AccountOpened", 1_000_000, "00000000-0000-4000-8000-000000000001"),
@@ -88,29 +73,10 @@ BODY = "x" * 4000
 STREAM_INSERTS_KEPT = 3
 
 
-def ensure_helper_database() -> str:
-    """Return the URL of `cdc_helper_a`, creating the database if it is missing."""
-    server = os.environ.get("DATABASE_URL", DEFAULT_SERVER_URL)
-    with psycopg.connect(server, autocommit=True) as conn:
-        found = conn.execute(
-            "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)
-        ).fetchone()
-        if found is None:
-            # Another session may create it between the check and here.
-            with contextlib.suppress(psycopg.errors.DuplicateDatabase):
-                conn.execute(
-                    sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE))
-                )
-    url = conninfo.make_conninfo(server, dbname=DATABASE)
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(EVENTS_DDL)
-    return url
-
-
 @pytest.fixture(scope="module")
 def capture_url() -> str:
     """URL of the helper database, with the events table in place."""
-    return ensure_helper_database()
+    return helper_db.ensure()
 
 
 def _load(name: str) -> list[bytes]:
@@ -213,7 +179,7 @@ def capture(url: str, name: str) -> list[bytes]:
     """
     scenario, options = SCENARIOS[name]
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(EVENTS_DDL)
+        conn.execute(helper_db.EVENTS_DDL)
         conn.execute("DROP TABLE IF EXISTS cdc_ha_scratch")
         conn.execute("DROP TYPE IF EXISTS cdc_ha_mood")
         conn.execute("CREATE TYPE cdc_ha_mood AS ENUM ('calm', 'happy')")

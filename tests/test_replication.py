@@ -8,9 +8,7 @@ behind. The same delivery checks run against both readers.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import subprocess
 import sys
 import textwrap
@@ -24,8 +22,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import conninfo, sql
+from psycopg import conninfo
 
+from scripts import helper_db
 from services.replication import (
     SlotError,
     SlotReader,
@@ -41,20 +40,6 @@ from services.replication import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_SERVER_URL = "postgresql://postgres@127.0.0.1:54329/postgres"
-DATABASE = "cdc_helper_a"
-EVENTS_DDL = """
-CREATE TABLE IF NOT EXISTS events (
-  position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-  account_id bigint NOT NULL,
-  version integer NOT NULL,
-  event_type text NOT NULL,
-  delta bigint NOT NULL,
-  transaction_id uuid NOT NULL,
-  created_at timestamptz NOT NULL DEFAULT now(),
-  UNIQUE (account_id, version)
-)
-"""
 #: Published next to events, to make transactions without event rows.
 OTHER_DDL = "CREATE TABLE IF NOT EXISTS cdc_ha_other (id bigint, note text)"
 #: Not published: its writes move the WAL but send nothing.
@@ -68,27 +53,12 @@ Kind = str
 KINDS = ["sql", "stream"]
 
 
-def _helper_url() -> str:
-    server = os.environ.get("DATABASE_URL", DEFAULT_SERVER_URL)
-    with psycopg.connect(server, autocommit=True) as conn:
-        found = conn.execute(
-            "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)
-        ).fetchone()
-        if found is None:
-            # Another session may create it between the check and here.
-            with contextlib.suppress(psycopg.errors.DuplicateDatabase):
-                conn.execute(
-                    sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE))
-                )
-    return conninfo.make_conninfo(server, dbname=DATABASE)
-
-
 @pytest.fixture(scope="module")
 def url() -> str:
     """URL of the helper database, with its tables in place."""
-    target = _helper_url()
+    target = helper_db.ensure()
     with psycopg.connect(target, autocommit=True) as conn:
-        for ddl in (EVENTS_DDL, OTHER_DDL, UNPUBLISHED_DDL):
+        for ddl in (OTHER_DDL, UNPUBLISHED_DDL):
             conn.execute(ddl)
         # Without a key, a published table refuses updates unless identity is full.
         conn.execute("ALTER TABLE cdc_ha_other REPLICA IDENTITY FULL")
