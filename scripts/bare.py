@@ -42,9 +42,7 @@ from services.errors import Conflict, OperationFailure  # noqa: E402
 from services.eventstore import append, existing_accounts, transfer  # noqa: E402
 from services.groupcommit import Pending, apply_batch  # noqa: E402
 from services.histogram import Histogram  # noqa: E402
-from services.pool import application_name  # noqa: E402
-
-Conn = psycopg.Connection[tuple[object, ...]]
+from services.pool import Conn, application_name  # noqa: E402
 
 
 @dataclass
