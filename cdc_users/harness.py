@@ -131,10 +131,17 @@ class Harness:
             self.committer.start()
 
     def write(self, cmd: Command) -> Outcome:
-        """Run a write command on the profile's write path."""
+        """Run a write command on the profile's write path.
+
+        The direct path holds an in-flight permit around the command. The batched
+        path takes none: a queued command holds no connection, and the queue of
+        `channel_buffer_size` bounds it; a permit per queued command would cap
+        every batch at the number of permits (20 in the optimized profile).
+        """
         if self.committer is not None:
             return self.committer.submit(cmd)
-        return self.store.execute(cmd)
+        with self.limiter:
+            return self.store.execute(cmd)
 
     def read_balance(self, account_id: int) -> str:
         """Read a balance from the cache, else from the projection.
@@ -142,8 +149,13 @@ class Harness:
         Return the request type of the store that answered (`REDIS` or `PG`). An
         account not projected yet is read from the event store's head. Raise
         `UnknownAccount` if no store has it, `OperationTimeout` past the read
-        deadline. A Redis error is counted and falls back to PostgreSQL.
+        deadline, `SemaphoreTimeout` if no in-flight permit comes. A Redis error
+        is counted and falls back to PostgreSQL.
         """
+        with self.limiter:
+            return self._read_balance(account_id)
+
+    def _read_balance(self, account_id: int) -> str:
         c = self.counters
         if time.monotonic() >= self._cache_down_until:
             try:

@@ -26,12 +26,10 @@ from services.eventstore import deposit, open_account, transfer, withdraw
 logger = logs.get("users")
 
 
-def _operation(
-    name: str, body: Callable[[Harness], object], *, write: bool = True
-) -> Callable[[Any], None]:
+def _operation(name: str, body: Callable[[Harness], object]) -> Callable[[Any], None]:
     # A body may return the request type of the store that answered it.
     def task(user: AccountUser) -> None:
-        user.operate(name, body, write=write)
+        user.operate(name, body)
 
     task.__name__ = name
     return task
@@ -64,7 +62,7 @@ TASKS: dict[str, Callable[[Any], None]] = {
     "deposit": _operation("deposit", _deposit),
     "withdraw": _operation("withdraw", _withdraw),
     "transfer": _operation("transfer", _transfer),
-    "balance": _operation("balance", _balance, write=False),
+    "balance": _operation("balance", _balance),
     "open_account": _operation("open_account", _open),
 }
 
@@ -88,15 +86,11 @@ class AccountUser(User):
     # Tasks come from the profile's weights, set by configure_tasks() in init.
     wait_time = constant(0)
 
-    def operate(
-        self, name: str, body: Callable[[Harness], object], *, write: bool = True
-    ) -> None:
+    def operate(self, name: str, body: Callable[[Harness], object]) -> None:
         """Run one operation through the gates and report it to Locust.
 
-        A write on the batched path takes no in-flight permit: it holds no
-        connection while it waits, and the group-commit queue of
-        `channel_buffer_size` bounds it instead. A permit per queued command would
-        cap every batch at the number of permits (20 in the optimized profile).
+        The in-flight permit is taken by the harness, where the store is chosen
+        (see `Harness.write`).
         """
         harness = hooks.current()
         # Waiting out a utilization pause is not part of the operation: it has not
@@ -110,16 +104,9 @@ class AccountUser(User):
         started = time.perf_counter()
         failure: OperationFailure | None = None
         request_type = hooks.REQUEST_TYPE
-        gated = not (write and harness.committer is not None)
         try:
             harness.breaker.check()
-            if gated:
-                harness.limiter.acquire()
-            try:
-                answered = body(harness)
-            finally:
-                if gated:
-                    harness.limiter.release()
+            answered = body(harness)
             if isinstance(answered, str):
                 request_type = answered
         except OperationFailure as exc:

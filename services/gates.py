@@ -145,6 +145,12 @@ class InFlightLimiter:
         self.in_flight -= 1
         self._sem.release()
 
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
 
 @dataclass
 class OpBudget:
